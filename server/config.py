@@ -1,0 +1,41 @@
+"""Service settings: one typed object, from env `TASKSERVE_*` or CLI flags, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.backbone import DEFAULT_MODEL, default_cache_dir
+
+
+class EngineSettings(BaseSettings):
+    """What the engine is bounded by; every resource has a limit here."""
+
+    model_config = SettingsConfigDict(env_prefix="TASKSERVE_", extra="ignore")
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Rows decoded together in one forward pass."""
+    max_kv_tokens: int = Field(default=65536, ge=16)
+    """KV-cache columns across the running batch (rows x padded length), prefill included."""
+    max_queue: int = Field(default=1024, ge=0)
+    """Requests waiting for admission; past it, submit fails with QueueFull (HTTP 429)."""
+    max_new_tokens: int = Field(default=2048, ge=1)
+    """Upper bound a request may ask for."""
+    lora_backend: Literal["bmm", "loop"] = "bmm"
+    """How LoRA rows are computed: batched matmuls over gathered weights, or the per-row reference loop."""
+
+
+class Settings(EngineSettings):
+    """Everything the service reads at start-up."""
+
+    model: str = DEFAULT_MODEL
+    """Backbone: the built-in default name, a local Hugging Face directory, a .gguf file, or a hub id."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA, float32 on CPU."""
+    model_cache: Path = Field(default_factory=default_cache_dir)
+    """Where the default GGUF model is converted to safetensors, once."""

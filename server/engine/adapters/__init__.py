@@ -1,0 +1,67 @@
+"""Adapter kinds: PEFT's saved files in, inference tensors out, once per task version."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from server.engine.adapters import ia3, lora, prefix, prompt  # noqa: F401  (each registers its kind)
+from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
+from server.engine.backbone import Geometry
+
+__all__ = ["AdapterError", "LoadedAdapter", "Placement", "load_adapter", "load_peft_files", "read_peft_dir"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def load_adapter(
+    key: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    geometry: Geometry,
+    placement: Placement,
+) -> LoadedAdapter:
+    """Parse and check one PEFT adapter against the backbone; refuse anything we would serve wrong."""
+    peft_type = config.get("peft_type")
+    kind = KINDS.get(peft_type)
+    if kind is None:
+        served = ", ".join(sorted(KINDS))
+        raise AdapterError(f"adapter_config.json: peft_type={peft_type!r} is not served (served: {served})")
+    parsed = kind.parse_config(config)
+    return kind.load(key, parsed, tensors, geometry, placement)
+
+
+def load_peft_files(config_json: bytes, weights: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Decode `adapter_config.json` and `adapter_model.safetensors`; never unpickles anything."""
+    try:
+        config = json.loads(config_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    try:
+        tensors = load_safetensors(weights)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+    return config, tensors
+
+
+def read_peft_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The two files of a PEFT `save_pretrained` directory."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(
+                "adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True"
+            )
+        raise AdapterError(f"{path} has no {WEIGHTS_FILE}")
+    if not (path / CONFIG_FILE).is_file():
+        raise AdapterError(f"{path} has no {CONFIG_FILE}")
+    return load_peft_files((path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes())

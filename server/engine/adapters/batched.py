@@ -1,0 +1,198 @@
+"""Per-step adapter data and the hooks that apply it inside the backbone's linear layers.
+
+Long-lived weights (`LoadedAdapter`) stay apart from what one step needs:
+`AdapterBatchData` is built once per batch composition and is the only thing a
+layer sees. Rows without an adapter on a layer get exactly the base output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from server.engine.adapters.base import LoadedAdapter
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """The LoRA rows of one linear layer in one batch composition."""
+
+    rows: torch.Tensor  # [n] long: batch rows with a LoRA on this layer
+    slots: torch.Tensor  # [n] long: each row's adapter in the stacks below
+    a: torch.Tensor  # [adapters, max_rank, in] fp32, zero-padded ranks
+    b: torch.Tensor  # [adapters, out, max_rank] fp32, zero-padded ranks
+    scaling: torch.Tensor  # [adapters] fp32
+    all_rows: bool  # rows == arange(batch): skip the gather and scatter
+    per_row: tuple[
+        tuple[int, torch.Tensor, torch.Tensor, float], ...
+    ]  # (row, A, B, scaling) for the reference path
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """What one linear layer applies this step."""
+
+    lora: LoraBatch | None
+    ia3_in: torch.Tensor | None  # [batch, 1, in] fp32, ones for rows without IA³ here
+    ia3_out: torch.Tensor | None  # [batch, 1, out] fp32, ones for rows without IA³ here
+
+
+class LoraBackend(Protocol):
+    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        """x [batch, seq, in] -> the LoRA term for `lora.rows`, [n, seq, out] fp32."""
+        ...
+
+
+class LoopLoraBackend:
+    """The reference: one row at a time, exactly PEFT's `lora_B(lora_A(x)) * scaling`."""
+
+    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        outs = [
+            torch.nn.functional.linear(torch.nn.functional.linear(x[row].float(), a), b) * s
+            for row, a, b, s in lora.per_row
+        ]
+        return torch.stack(outs)
+
+
+class BmmLoraBackend:
+    """All LoRA rows of a layer in two batched matmuls over gathered, rank-padded weights.
+
+    Zero-padded ranks add exact zeros, so rows of different ranks share one
+    call; the sum order can differ from PEFT's unpadded matmul by an ULP.
+    """
+
+    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        xs = x if lora.all_rows else x.index_select(0, lora.rows)  # [n, seq, in]
+        a = lora.a.index_select(0, lora.slots)  # [n, r, in]
+        b = lora.b.index_select(0, lora.slots)  # [n, out, r]
+        scaling = lora.scaling.index_select(0, lora.slots)[:, None, None]  # [n, 1, 1]
+        return torch.bmm(torch.bmm(xs.float(), a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+
+
+LORA_BACKENDS: dict[str, type[LoraBackend]] = {"bmm": BmmLoraBackend, "loop": LoopLoraBackend}
+
+
+class AdapterBatchData:
+    """Per-layer adapter tensors for one batch composition (rows in batch order)."""
+
+    def __init__(self, layers: dict[str, LayerBatch]):
+        self.layers = layers
+
+    @classmethod
+    def build(cls, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> AdapterBatchData | None:
+        """None when no row has a per-step adapter: the base model runs untouched."""
+        names = {name for ad in adapters if ad is not None for name in (*ad.lora, *ad.ia3)}
+        if not names:
+            return None
+        return cls({name: _layer_batch(name, adapters, device) for name in sorted(names)})
+
+
+def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> LayerBatch:
+    lora_rows = [
+        (i, ad.key, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora
+    ]
+    ia3_rows = [(i, ad.ia3[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.ia3]
+    return LayerBatch(
+        lora=_lora_batch(lora_rows, len(adapters), device), **_ia3_vectors(ia3_rows, len(adapters))
+    )
+
+
+def _lora_batch(rows: list, batch_size: int, device: torch.device) -> LoraBatch | None:
+    if not rows:
+        return None
+    slot_of: dict[str, int] = {}
+    unique = []
+    for _, key, module in rows:
+        if key not in slot_of:
+            slot_of[key] = len(unique)
+            unique.append(module)
+    max_rank = max(m.a.shape[0] for m in unique)
+    a = torch.zeros(len(unique), max_rank, unique[0].a.shape[1], device=device)
+    b = torch.zeros(len(unique), unique[0].b.shape[0], max_rank, device=device)
+    for slot, module in enumerate(unique):
+        rank = module.a.shape[0]
+        a[slot, :rank] = module.a
+        b[slot, :, :rank] = module.b
+    row_ids = [row for row, _, _ in rows]
+    return LoraBatch(
+        rows=torch.tensor(row_ids, device=device),
+        slots=torch.tensor([slot_of[key] for _, key, _ in rows], device=device),
+        a=a,
+        b=b,
+        scaling=torch.tensor([m.scaling for m in unique], device=device),
+        all_rows=row_ids == list(range(batch_size)),
+        per_row=tuple((row, m.a, m.b, m.scaling) for row, _, m in rows),
+    )
+
+
+def _ia3_vectors(rows: list, batch_size: int) -> dict[str, torch.Tensor | None]:
+    vectors: dict[str, torch.Tensor | None] = {"ia3_in": None, "ia3_out": None}
+    for field, on_input in (("ia3_in", True), ("ia3_out", False)):
+        mine = [(i, m) for i, m in rows if m.on_input == on_input]
+        if not mine:
+            continue
+        width = mine[0][1].vector.shape[0]
+        stacked = torch.ones(batch_size, 1, width, device=mine[0][1].vector.device)
+        for i, module in mine:
+            stacked[i, 0] = module.vector
+        vectors[field] = stacked
+    return vectors
+
+
+class AdapterHooks:
+    """Forward hooks on every adaptable linear layer; they read the step's `AdapterBatchData`.
+
+    Hooks, not wrapper modules, so the backbone's module tree and weights stay
+    exactly as loaded.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], backend: LoraBackend):
+        self.backend = backend
+        self.current: AdapterBatchData | None = None
+        modules = dict(model.named_modules())
+        self._handles = []
+        for name in layer_names:
+            module = modules[name]
+            self._handles.append(module.register_forward_pre_hook(partial(self._scale_input, name)))
+            self._handles.append(module.register_forward_hook(partial(self._adapt_output, name)))
+
+    @contextmanager
+    def active(self, data: AdapterBatchData | None) -> Iterator[None]:
+        self.current = data
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _layer(self, name: str) -> LayerBatch | None:
+        return None if self.current is None else self.current.layers.get(name)
+
+    def _scale_input(self, name: str, module: nn.Module, args: tuple):
+        layer = self._layer(name)
+        if layer is None or layer.ia3_in is None:
+            return None
+        x = args[0]
+        return ((x * layer.ia3_in).to(x.dtype), *args[1:])
+
+    def _adapt_output(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
+        layer = self._layer(name)
+        if layer is None or (layer.lora is None and layer.ia3_out is None):
+            return None
+        dtype = output.dtype
+        out = output.float()
+        if layer.ia3_out is not None:
+            out = out * layer.ia3_out
+        if layer.lora is not None:
+            delta = self.backend.delta(args[0], layer.lora)
+            out = out + delta if layer.lora.all_rows else out.index_add(0, layer.lora.rows, delta)
+        return out.to(dtype)

@@ -1,0 +1,89 @@
+"""IA³: learned vectors that rescale a layer's output, or a feed-forward layer's input.
+
+PEFT saves `ia3_l` as `[out, 1]` for ordinary targets and `[1, in]` for
+feed-forward ones; the saved orientation must agree with the config's
+`feedforward_modules` (PEFT-SEMANTICS §6).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.engine.adapters.base import (
+    AdapterError,
+    Ia3Module,
+    LoadedAdapter,
+    Placement,
+    check_finite,
+    is_empty,
+    refuse_unless,
+    register,
+    split_module_key,
+)
+from server.engine.backbone import Geometry
+
+
+@dataclass(frozen=True)
+class Ia3Config:
+    feedforward_modules: str | tuple[str, ...]
+
+    def is_feedforward(self, module: str) -> bool:
+        """PEFT's check: a regex fullmatch for a string, else a plain suffix test per entry."""
+        if isinstance(self.feedforward_modules, str):
+            return re.fullmatch(self.feedforward_modules, module) is not None
+        return any(module.endswith(entry) for entry in self.feedforward_modules)
+
+
+class Ia3Kind:
+    peft_types = ("IA3",)
+
+    def parse_config(self, raw: Mapping[str, Any]) -> Ia3Config:
+        if raw.get("task_type") not in (None, "CAUSAL_LM"):
+            raise AdapterError(
+                f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served"
+            )
+        refuse_unless(raw, "modules_to_save", is_empty, "full module copies are not served")
+        ff = raw.get("feedforward_modules") or ()
+        return Ia3Config(feedforward_modules=ff if isinstance(ff, str) else tuple(ff))
+
+    def load(
+        self,
+        key: str,
+        config: Ia3Config,
+        tensors: Mapping[str, torch.Tensor],
+        geometry: Geometry,
+        placement: Placement,
+    ) -> LoadedAdapter:
+        modules = {}
+        for name, tensor in sorted(tensors.items()):
+            module, _ = split_module_key(name, ("ia3_l",))
+            check_finite(name, tensor)
+            shape = geometry.linear_modules.get(module)
+            if shape is None:
+                raise AdapterError(f"IA³ targets {module!r}, which is not a linear layer of this backbone")
+            feedforward = config.is_feedforward(module)
+            expected = (1, shape.in_features) if feedforward else (shape.out_features, 1)
+            if tuple(tensor.shape) != expected:
+                role = (
+                    "feed-forward (scales the input)"
+                    if feedforward
+                    else "non-feed-forward (scales the output)"
+                )
+                raise AdapterError(
+                    f"tensor {name} has shape {list(tensor.shape)}, but {module} is {role} "
+                    f"per feedforward_modules, so it must be {list(expected)}"
+                )
+            modules[module] = Ia3Module(
+                vector=tensor.flatten().to(placement.device, torch.float32), on_input=feedforward
+            )
+        if not modules:
+            raise AdapterError("adapter_model.safetensors holds no ia3_l tensors")
+        return LoadedAdapter(key=key, kind="ia3", ia3=modules)
+
+
+register(Ia3Kind())

@@ -1,0 +1,57 @@
+"""What goes into the engine and what comes out, and the engine's typed errors."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.engine.sampling import SamplingParams
+
+BASE_TASK = "base"  # reserved task id: the frozen backbone alone
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineError(Exception):
+    """Base of the engine's domain errors; the API maps each to one HTTP status."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request cannot be served as asked (HTTP 400)."""
+
+
+class UnknownTask(EngineError, KeyError):
+    """No such task is registered (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown task"
+
+
+class QueueFull(EngineError):
+    """Too many requests are waiting; retry later (HTTP 429)."""
+
+
+class EngineStopped(EngineError):
+    """The engine is not running (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    task_id: str = BASE_TASK
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One step's output for one request; the last one carries `finish_reason`."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    task_version: str | None = None  # the adapter key the row ran on, e.g. "summarise@3"
+    error: str | None = None  # set with finish_reason "error"

@@ -1,0 +1,98 @@
+"""The engine's greedy tokens equal single-request PEFT's, alone and in mixed continuous batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, tiny_gpt2, tiny_llama
+
+from server.config import EngineSettings
+from server.engine.adapters import read_peft_dir
+from server.engine.backbone import Backbone
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+
+PROMPTS = [[5, 17, 33, 8, 91, 4], [12, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 3], [44, 45, 46]]
+NEW_TOKENS = 12
+GPT2_KINDS = ("prompt", "prefix", "prefix_proj", "lora_qv", "lora_all", "lora_rslora", "lora_pattern", "ia3")
+
+
+def make_engine(model, adapter_dirs: dict[str, object], **settings) -> Engine:
+    engine = Engine(Backbone(model, None, name="tiny"), EngineSettings(**settings))
+    for kind, path in adapter_dirs.items():
+        engine.residency.register(kind, *read_peft_dir(path))
+    return engine
+
+
+def request(prompt: list[int], task: str = "base", new_tokens: int = NEW_TOKENS) -> GenerationRequest:
+    return GenerationRequest(tuple(prompt), SamplingParams(max_new_tokens=new_tokens), task_id=task)
+
+
+def _build(arch: str, tmp_path_factory) -> tuple[torch.nn.Module, dict[str, object]]:
+    model = tiny_llama() if arch == "llama" else tiny_gpt2()
+    kinds = ALL_SERVED_KINDS if arch == "llama" else GPT2_KINDS
+    root = tmp_path_factory.mktemp(f"adapters-{arch}")
+    dirs = {kind: make_adapter(model, kind, root / kind, seed=i) for i, kind in enumerate(kinds)}
+    return model, dirs
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def arch_setup(request, tmp_path_factory):
+    model, dirs = _build(request.param, tmp_path_factory)
+    expected = {
+        (kind, i): peft_greedy(model, dirs.get(kind), prompt, NEW_TOKENS)
+        for kind in ["base", *dirs]
+        for i, prompt in enumerate(PROMPTS)
+    }
+    return model, dirs, expected
+
+
+def test_adapters_change_the_output(arch_setup):
+    _, dirs, expected = arch_setup
+    for kind in dirs:
+        assert any(expected[(kind, i)] != expected[("base", i)] for i in range(len(PROMPTS))), kind
+
+
+def test_each_kind_alone_matches_peft(arch_setup):
+    model, dirs, expected = arch_setup
+    engine = make_engine(model, dirs)
+    for kind in ["base", *dirs]:
+        for i, prompt in enumerate(PROMPTS):
+            generation = engine.submit(request(prompt, kind), sink=lambda d: None)
+            engine.run_until_idle()
+            assert generation.output_ids == expected[(kind, i)], (kind, i)
+
+
+def test_mixed_batch_with_rows_joining_mid_flight_matches_peft(arch_setup):
+    model, dirs, expected = arch_setup
+    engine = make_engine(model, dirs)
+    jobs = [(kind, i) for i in range(len(PROMPTS)) for kind in ["base", *dirs]]
+    generations = {}
+    # a first wave, a few decode steps, then the rest joins the running batch in two more waves
+    waves = [jobs[: len(jobs) // 3], jobs[len(jobs) // 3 : 2 * len(jobs) // 3], jobs[2 * len(jobs) // 3 :]]
+    for wave in waves:
+        for kind, i in wave:
+            generations[(kind, i)] = engine.submit(request(PROMPTS[i], kind), sink=lambda d: None)
+        for _ in range(3):
+            engine.step()
+        assert engine.running is not None and len(engine.running) > 0
+    max_rows = len(engine.running)
+    engine.run_until_idle()
+    assert max_rows >= 6
+    for job, generation in generations.items():
+        assert generation.output_ids == expected[job], job
+
+
+def test_lora_backends_agree_in_a_mixed_batch(arch_setup):
+    model, dirs, expected = arch_setup
+    engine = make_engine(model, dirs, lora_backend="loop")
+    generations = {
+        (kind, i): engine.submit(request(PROMPTS[i], kind), sink=lambda d: None)
+        for kind in dirs
+        if kind.startswith("lora")
+        for i in range(len(PROMPTS))
+    }
+    engine.run_until_idle()
+    for job, generation in generations.items():
+        assert generation.output_ids == expected[job], job

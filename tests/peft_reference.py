@@ -1,0 +1,359 @@
+"""Reference helpers for taskserve's PEFT-parity tests (a plain module, not a test file).
+
+Everything here runs in-process on CPU and never touches the network:
+
+* ``tiny_llama`` / ``tiny_gpt2`` build small random fp32 models from a config (no downloads).
+* ``make_adapter`` wraps a deep copy of a model with ``peft.get_peft_model`` for one of the
+  named adapter kinds, randomises the adapter so it visibly changes the output, and saves it
+  with ``save_pretrained`` (safetensors).
+* ``peft_greedy`` / ``peft_greedy_many`` are THE reference: ``PeftModel.from_pretrained`` on a
+  copy of the base model, then a cache-free greedy loop over ``PeftModel.forward`` (batch of one,
+  no padding).  ``PeftModel.generate`` is deliberately NOT used: with peft 0.21.2 +
+  transformers 5.x it silently drops prefix KV and re-injects soft prompts at every decode step
+  (see /work/shared/PEFT-SEMANTICS.md section 7.1).
+
+See /work/shared/PEFT-SEMANTICS.md for how PEFT saves and applies each adapter kind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+
+# Belt and braces: nothing here needs the Hub.  Set before transformers/peft/huggingface_hub are
+# imported by this module (no effect if the caller already imported them; we avoid every Hub code
+# path anyway: save_embedding_layers=False, local adapter dirs only).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from peft import (  # noqa: E402
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+__all__ = [
+    "ALL_SERVED_KINDS",
+    "REFUSED_KINDS",
+    "PROMPT_LEARNING_KINDS",
+    "LORA_KINDS",
+    "tiny_llama",
+    "tiny_gpt2",
+    "adapter_config",
+    "make_adapter",
+    "load_reference",
+    "peft_greedy",
+    "peft_greedy_many",
+    "clear_reference_cache",
+]
+
+BOS_ID = 1
+EOS_ID = 2
+PAD_ID = 0
+
+ALL_SERVED_KINDS: tuple[str, ...] = (
+    "prompt",
+    "prompt_long",
+    "ptuning_mlp",
+    "ptuning_lstm",
+    "prefix",
+    "prefix_proj",
+    "lora_qv",
+    "lora_all",
+    "lora_rslora",
+    "lora_pattern",
+    "ia3",
+)
+REFUSED_KINDS: tuple[str, ...] = ("dora", "lora_bias_all", "modules_to_save")
+
+PROMPT_LEARNING_KINDS: tuple[str, ...] = (
+    "prompt",
+    "prompt_long",
+    "ptuning_mlp",
+    "ptuning_lstm",
+    "prefix",
+    "prefix_proj",
+)
+LORA_KINDS: tuple[str, ...] = ("lora_qv", "lora_all", "lora_rslora", "lora_pattern")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny base models
+# ---------------------------------------------------------------------------------------------
+
+
+def _finish_model(model, name: str):
+    model.config._name_or_path = name
+    try:
+        model.name_or_path = name
+    except AttributeError:  # pragma: no cover - property without setter in some versions
+        pass
+    model.to(torch.float32)
+    model.eval()
+    return model
+
+
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+) -> LlamaForCausalLM:
+    """A small random fp32 llama (GQA: ``num_kv_heads < num_heads``), eval mode, no downloads."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return _finish_model(model, "tiny-llama")
+
+
+def tiny_gpt2(
+    seed: int = 0,
+    vocab_size: int = 256,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+) -> GPT2LMHeadModel:
+    """A small random fp32 GPT-2 (untied lm_head), eval mode, no downloads."""
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_positions=512,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return _finish_model(model, "tiny-gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_gpt2(model) -> bool:
+    return getattr(model.config, "model_type", None) == "gpt2"
+
+
+def adapter_config(model, kind: str):
+    """The ``PeftConfig`` that ``make_adapter`` uses for ``kind`` on ``model``'s architecture."""
+    gpt2 = _is_gpt2(model)
+    ffo = {"fan_in_fan_out": True} if gpt2 else {}
+    causal = {"task_type": "CAUSAL_LM"}
+
+    if kind == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="RANDOM", **causal)
+    if kind == "prompt_long":
+        return PromptTuningConfig(num_virtual_tokens=9, prompt_tuning_init="RANDOM", **causal)
+    if kind == "ptuning_mlp":
+        return PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="MLP", **causal)
+    if kind == "ptuning_lstm":
+        return PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", **causal)
+    if kind == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=6, prefix_projection=False, **causal)
+    if kind == "prefix_proj":
+        return PrefixTuningConfig(
+            num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32, **causal
+        )
+
+    attn_targets = ["c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    qv_targets = ["c_attn"] if gpt2 else ["q_proj", "v_proj"]
+    if kind == "lora_qv":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, lora_dropout=0.1, **ffo, **causal)
+    if kind == "lora_all":
+        return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **ffo, **causal)
+    if kind == "lora_rslora":
+        # gpt2: "c_proj" (as briefed) matches BOTH attn.c_proj and mlp.c_proj.
+        targets = ["c_attn", "c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=targets, **ffo, **causal)
+    if kind == "lora_pattern":
+        if gpt2:
+            rank_pattern, alpha_pattern = {"c_attn": 2}, {"c_proj": 16}
+        else:
+            rank_pattern, alpha_pattern = {"q_proj": 2}, {"v_proj": 16}
+        return LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=attn_targets,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            **ffo,
+            **causal,
+        )
+    if kind == "ia3":
+        # target_modules / feedforward_modules left None -> PEFT's per-architecture defaults.
+        return IA3Config(**ffo, **causal)
+
+    # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
+    if kind == "dora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, use_dora=True, **ffo, **causal)
+    if kind == "lora_bias_all":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="all", **ffo, **causal)
+    if kind == "modules_to_save":
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal
+        )
+    raise ValueError(f"unknown adapter kind {kind!r}")
+
+
+@torch.no_grad()
+def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
+    """Make the adapter non-trivial.  Prompt-learning encoders are already random (N(0,1)
+    embeddings / default Linear+LSTM init); LoRA B is zero and IA3 is ones by default."""
+    for name, p in peft_model.named_parameters():
+        if ".lora_A." in name:
+            fan_in = p.shape[1]
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / fan_in**0.5))
+        elif ".lora_B." in name:
+            r = p.shape[1] if p.dim() == 2 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / r**0.5))
+        elif name.endswith(".ia3_l.default") or ".ia3_l." in name:
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif ".modules_to_save.default." in name:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        elif kind == "lora_bias_all" and name.endswith(".bias") and p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def make_adapter(model, kind: str, out_dir, seed: int = 0) -> pathlib.Path:
+    """Wrap a deep copy of ``model`` with adapter ``kind``, randomise it, save to ``out_dir``.
+
+    The caller's model is never mutated.  Returns ``pathlib.Path(out_dir)`` which then contains
+    ``adapter_config.json``, ``adapter_model.safetensors`` and PEFT's ``README.md``.
+    """
+    out_dir = pathlib.Path(out_dir)
+    cfg = adapter_config(model, kind)
+    base = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        # seeds the default (random) init of prompt embeddings, p-tuning MLP/LSTM, prefix MLP
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. fan_in_fan_out / encoder_num_layers notices
+            pm = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    _randomise(pm, kind, gen)
+    pm.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # save_embedding_layers=False: skips PEFT's "was the vocab resized?" check, which would look the
+    # (non-existent) base model "tiny-llama" up on the Hub.
+    pm.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference greedy decoding
+# ---------------------------------------------------------------------------------------------
+
+# key -> (base model object, loaded model).  The base model object is kept to make the id()
+# part of the key safe against id reuse.
+_CACHE: dict[tuple, tuple[object, torch.nn.Module]] = {}
+
+
+def clear_reference_cache() -> None:
+    _CACHE.clear()
+
+
+def _cache_key(model, adapter_dir):
+    if adapter_dir is None:
+        return (id(model), None)
+    d = pathlib.Path(adapter_dir).resolve()
+    stamps = []
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            st = (d / f).stat()
+            stamps.append((st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            stamps.append(None)
+    return (id(model), str(d), tuple(stamps))
+
+
+def load_reference(model, adapter_dir=None) -> torch.nn.Module:
+    """The (cached) eval-mode reference model: ``PeftModel.from_pretrained`` on a deep copy of
+    ``model``, or the plain model itself when ``adapter_dir`` is None."""
+    key = _cache_key(model, adapter_dir)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    if adapter_dir is None:
+        ref = model
+    else:
+        ref = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir))
+    ref.eval()
+    _CACHE[key] = (model, ref)
+    return ref
+
+
+@torch.inference_mode()
+def _greedy(ref, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise ValueError("prompt_ids must be non-empty")
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        ids = torch.tensor([prompt_ids + out], dtype=torch.long)
+        # Cache-free: the full sequence every step.  No position_ids (PEFT drops/shifts them
+        # itself); an all-ones mask (PEFT prepends ones for the virtual tokens).
+        res = ref(input_ids=ids, attention_mask=torch.ones_like(ids))
+        # Prompt/p-tuning logits are [1, nvt+L, V] (virtual positions first); prefix/LoRA/IA3
+        # are [1, L, V].  Either way the last position is the last real token.
+        nxt = int(torch.argmax(res.logits[0, -1]).item())
+        out.append(nxt)
+        if eos_token_id is not None and nxt == eos_token_id:
+            break
+    return out
+
+
+def peft_greedy(
+    model,
+    adapter_dir,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eos_token_id: int | None = EOS_ID,
+) -> list[int]:
+    """Reference greedy continuation of ``prompt_ids`` (new tokens only, eos included if hit)."""
+    return _greedy(load_reference(model, adapter_dir), prompt_ids, max_new_tokens, eos_token_id)
+
+
+def peft_greedy_many(
+    model,
+    adapter_dir,
+    prompts: Iterable[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | None = EOS_ID,
+) -> list[list[int]]:
+    """``peft_greedy`` for several prompts (each run alone, batch of one); loads once."""
+    ref = load_reference(model, adapter_dir)
+    return [_greedy(ref, p, max_new_tokens, eos_token_id) for p in prompts]
