@@ -185,9 +185,7 @@ def adapter_config(model, kind: str):
     if kind == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=6, prefix_projection=False, **causal)
     if kind == "prefix_proj":
-        return PrefixTuningConfig(
-            num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32, **causal
-        )
+        return PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32, **causal)
 
     attn_targets = ["c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
     qv_targets = ["c_attn"] if gpt2 else ["q_proj", "v_proj"]
@@ -223,9 +221,7 @@ def adapter_config(model, kind: str):
     if kind == "lora_bias_all":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="all", **ffo, **causal)
     if kind == "modules_to_save":
-        return LoraConfig(
-            r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal
-        )
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal)
     raise ValueError(f"unknown adapter kind {kind!r}")
 
 

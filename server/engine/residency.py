@@ -26,17 +26,13 @@ class Residency:
         self._versions: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def register(
-        self, task_id: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-    ) -> LoadedAdapter:
+    def register(self, task_id: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> LoadedAdapter:
         """Load and check a PEFT adapter, then make it the task's current version (all or nothing)."""
         if task_id == BASE_TASK:
             raise InvalidRequest(f"task id {BASE_TASK!r} is reserved for the backbone alone")
         with self._lock:
             version = self._versions.get(task_id, 0) + 1
-        adapter = load_adapter(
-            f"{task_id}@{version}", config, tensors, self._backbone.geometry, self._placement
-        )
+        adapter = load_adapter(f"{task_id}@{version}", config, tensors, self._backbone.geometry, self._placement)
         with self._lock:
             self._versions[task_id] = version
             self._tasks[task_id] = adapter  # running rows keep their reference to the old version

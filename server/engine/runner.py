@@ -15,9 +15,7 @@ class ModelRunner:
     def __init__(self, backbone: Backbone, lora_backend: str = "bmm"):
         self.backbone = backbone
         self.device = backbone.device
-        self.hooks = AdapterHooks(
-            backbone.model, list(backbone.geometry.linear_modules), LORA_BACKENDS[lora_backend]()
-        )
+        self.hooks = AdapterHooks(backbone.model, list(backbone.geometry.linear_modules), LORA_BACKENDS[lora_backend]())
 
     def empty_cache(self, *, batch: int, capacity: int) -> KVCache:
         g = self.backbone.geometry

@@ -97,9 +97,7 @@ def sample(
     """
     # logits: [batch, vocab]
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
-        raise ValueError(
-            f"got {logits.shape[0]} logit rows, {len(params)} params and {len(generators)} generators"
-        )
+        raise ValueError(f"got {logits.shape[0]} logit rows, {len(params)} params and {len(generators)} generators")
     if not any(map(_temperature, params)):
         return torch.argmax(logits, dim=-1)  # [batch]
 

@@ -43,9 +43,7 @@ Sink = Callable[[TokenDelta], None]
 class Generation:
     """One request's live state: the row a Batch holds. Touched by the engine thread, except `cancel`."""
 
-    def __init__(
-        self, request: GenerationRequest, adapter: LoadedAdapter | None, sink: Sink, backbone: Backbone
-    ):
+    def __init__(self, request: GenerationRequest, adapter: LoadedAdapter | None, sink: Sink, backbone: Backbone):
         self.request = request
         self.adapter = adapter
         self.prompt_ids = request.prompt_ids
@@ -86,9 +84,7 @@ class Generation:
             text += self.detokenizer.finish()
         return self._delta([token], text, reason)
 
-    def _delta(
-        self, token_ids: list[int], text: str, reason: str | None, error: str | None = None
-    ) -> TokenDelta:
+    def _delta(self, token_ids: list[int], text: str, reason: str | None, error: str | None = None) -> TokenDelta:
         return TokenDelta(
             token_ids=token_ids,
             text=text,
@@ -140,10 +136,7 @@ class Scheduler:
                     continue
                 width = PrefillShape.of([*admitted, candidate])
                 future = max(length, width.prefix + width.query) + max(remaining, candidate.remaining)
-                if (
-                    rows + 1 > self.settings.max_batch_size
-                    or (rows + 1) * future > self.settings.max_kv_tokens
-                ):
+                if rows + 1 > self.settings.max_batch_size or (rows + 1) * future > self.settings.max_kv_tokens:
                     break
                 admitted.append(self.waiting.popleft())
                 rows, remaining = rows + 1, max(remaining, candidate.remaining)
@@ -153,9 +146,7 @@ class Scheduler:
 class Engine:
     """The frozen backbone serving every task; `submit` from any thread, `generate` from asyncio."""
 
-    def __init__(
-        self, backbone: Backbone, settings: EngineSettings | None = None, residency: Residency | None = None
-    ):
+    def __init__(self, backbone: Backbone, settings: EngineSettings | None = None, residency: Residency | None = None):
         self.backbone = backbone
         self.settings = settings or EngineSettings()
         self.residency = residency or Residency(backbone)
@@ -258,14 +249,14 @@ class Engine:
         vocab = self.backbone.geometry.vocab_size
         if not all(0 <= t < vocab for t in generation.prompt_ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
-        if sampling.max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidRequest(
-                f"max_new_tokens={sampling.max_new_tokens} exceeds this server's limit of {self.settings.max_new_tokens}"
-            )
+        asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
+        if asked > allowed:
+            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
         if generation.kv_need > limit:
+            virtual = kv_columns(generation) - len(generation.prompt_ids)
             raise InvalidRequest(
-                f"prompt ({len(generation.prompt_ids)} tokens, plus {kv_columns(generation) - len(generation.prompt_ids)} "
-                f"virtual) + max_new_tokens ({sampling.max_new_tokens}) exceeds the context length of {limit}"
+                f"prompt ({len(generation.prompt_ids)} tokens + {virtual} virtual) + max_new_tokens ({asked}) "
+                f"exceeds the context length of {limit}"
             )
         if generation.kv_need > self.settings.max_kv_tokens:
             raise InvalidRequest(

@@ -29,9 +29,7 @@ class LoraBatch:
     b: torch.Tensor  # [adapters, out, max_rank] fp32, zero-padded ranks
     scaling: torch.Tensor  # [adapters] fp32
     all_rows: bool  # rows == arange(batch): skip the gather and scatter
-    per_row: tuple[
-        tuple[int, torch.Tensor, torch.Tensor, float], ...
-    ]  # (row, A, B, scaling) for the reference path
+    per_row: tuple[tuple[int, torch.Tensor, torch.Tensor, float], ...]  # (row, A, B, scaling) for the reference path
 
 
 @dataclass(frozen=True)
@@ -94,13 +92,9 @@ class AdapterBatchData:
 
 
 def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> LayerBatch:
-    lora_rows = [
-        (i, ad.key, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora
-    ]
+    lora_rows = [(i, ad.key, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora]
     ia3_rows = [(i, ad.ia3[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.ia3]
-    return LayerBatch(
-        lora=_lora_batch(lora_rows, len(adapters), device), **_ia3_vectors(ia3_rows, len(adapters))
-    )
+    return LayerBatch(lora=_lora_batch(lora_rows, len(adapters), device), **_ia3_vectors(ia3_rows, len(adapters)))
 
 
 def _lora_batch(rows: list, batch_size: int, device: torch.device) -> LoraBatch | None:

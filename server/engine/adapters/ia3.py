@@ -44,9 +44,7 @@ class Ia3Kind:
 
     def parse_config(self, raw: Mapping[str, Any]) -> Ia3Config:
         if raw.get("task_type") not in (None, "CAUSAL_LM"):
-            raise AdapterError(
-                f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served"
-            )
+            raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
         refuse_unless(raw, "modules_to_save", is_empty, "full module copies are not served")
         ff = raw.get("feedforward_modules") or ()
         return Ia3Config(feedforward_modules=ff if isinstance(ff, str) else tuple(ff))
@@ -69,11 +67,7 @@ class Ia3Kind:
             feedforward = config.is_feedforward(module)
             expected = (1, shape.in_features) if feedforward else (shape.out_features, 1)
             if tuple(tensor.shape) != expected:
-                role = (
-                    "feed-forward (scales the input)"
-                    if feedforward
-                    else "non-feed-forward (scales the output)"
-                )
+                role = "feed-forward (scales the input)" if feedforward else "non-feed-forward (scales the output)"
                 raise AdapterError(
                     f"tensor {name} has shape {list(tensor.shape)}, but {module} is {role} "
                     f"per feedforward_modules, so it must be {list(expected)}"

@@ -73,16 +73,12 @@ class LoraKind:
 
     def parse_config(self, raw: Mapping[str, Any]) -> LoraConfig:
         if raw.get("task_type") not in (None, "CAUSAL_LM"):
-            raise AdapterError(
-                f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served"
-            )
+            raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
         for name, advice in _UNSERVED.items():
             refuse_unless(raw, name, is_empty, advice)
         r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
         if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float):
-            raise AdapterError(
-                f"adapter_config.json: r={r!r} and lora_alpha={alpha!r} must be positive numbers"
-            )
+            raise AdapterError(f"adapter_config.json: r={r!r} and lora_alpha={alpha!r} must be positive numbers")
         return LoraConfig(
             r=r,
             lora_alpha=float(alpha),
@@ -112,9 +108,7 @@ class LoraKind:
             if shape is None:
                 raise AdapterError(f"LoRA targets {module!r}, which is not a linear layer of this backbone")
             if set(pair) != {"lora_A.weight", "lora_B.weight"}:
-                raise AdapterError(
-                    f"LoRA module {module!r} lacks { ({'lora_A.weight', 'lora_B.weight'} - set(pair)) }"
-                )
+                raise AdapterError(f"LoRA module {module!r} lacks { ({'lora_A.weight', 'lora_B.weight'} - set(pair)) }")
             a, b = pair["lora_A.weight"], pair["lora_B.weight"]
             rank = config.pattern_value(config.rank_pattern, module, config.r)
             check_shape(f"{module}.lora_A.weight", a, (rank, shape.in_features), "[r, in_features]")

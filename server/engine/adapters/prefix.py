@@ -78,9 +78,7 @@ class PrefixKind:
         )
         # flat index ((layer*2 + k_or_v) * kv_heads + head) * head_dim + d, as PEFT's get_prompt views it
         kv = flat.view(nvt, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
-        prefix_kv = kv.contiguous().to(
-            placement.device, placement.dtype
-        )  # [layers, 2, kv_heads, nvt, head_dim]
+        prefix_kv = kv.contiguous().to(placement.device, placement.dtype)  # [layers, 2, kv_heads, nvt, head_dim]
         return LoadedAdapter(key=key, kind="prefix_tuning", prefix_kv=prefix_kv)
 
 
