@@ -14,7 +14,13 @@ from server.engine.backbone import DEFAULT_MODEL, default_cache_dir
 class EngineSettings(BaseSettings):
     """What the engine is bounded by; every resource has a limit here."""
 
-    model_config = SettingsConfigDict(env_prefix="TASKSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TASKSERVE_",
+        extra="ignore",
+        use_attribute_docstrings=True,
+        cli_kebab_case=True,
+        cli_prog_name="python -m server",
+    )
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Rows decoded together in one forward pass."""
@@ -39,3 +45,9 @@ class Settings(EngineSettings):
     """auto: bfloat16 on CUDA, float32 on CPU."""
     model_cache: Path = Field(default_factory=default_cache_dir)
     """Where the default GGUF model is converted to safetensors, once."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port the HTTP server binds."""
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """Largest adapter upload accepted (HTTP 413 past it)."""

@@ -7,6 +7,7 @@ come with the adapter store (issue 3); the engine only ever calls `get`.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from server.engine.adapters import LoadedAdapter, Placement, load_adapter
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, InvalidRequest, UnknownTask
+
+TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Residency:
@@ -30,6 +33,8 @@ class Residency:
         """Load and check a PEFT adapter, then make it the task's current version (all or nothing)."""
         if task_id == BASE_TASK:
             raise InvalidRequest(f"task id {BASE_TASK!r} is reserved for the backbone alone")
+        if not TASK_ID.fullmatch(task_id):
+            raise InvalidRequest(f"task id {task_id!r} must match {TASK_ID.pattern}")
         with self._lock:
             version = self._versions.get(task_id, 0) + 1
         adapter = load_adapter(f"{task_id}@{version}", config, tensors, self._backbone.geometry, self._placement)
@@ -60,3 +65,8 @@ class Residency:
     def task_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._tasks)
+
+    def current(self) -> dict[str, LoadedAdapter]:
+        """Every task's current version, by task id."""
+        with self._lock:
+            return dict(sorted(self._tasks.items()))

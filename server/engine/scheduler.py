@@ -100,6 +100,17 @@ class Generation:
         self.sink(self._delta([], "", reason, error))
 
 
+async def _stream(deltas: asyncio.Queue[TokenDelta], generation: Generation) -> AsyncIterator[TokenDelta]:
+    try:
+        while True:
+            delta = await deltas.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+    finally:
+        generation.cancel()
+
+
 @dataclass
 class StepPlan:
     """What one engine step does: schedule's output, execute's input."""
@@ -199,8 +210,11 @@ class Engine:
         self._wakeup.set()
         return generation
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Stream a request's deltas; leaving the iteration early cancels the row."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Submit now (bad input and a full queue raise here), then stream the deltas in asyncio.
+
+        Leaving the iteration early, or the task being cancelled, cancels the row.
+        """
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[TokenDelta] = asyncio.Queue()
 
@@ -211,14 +225,7 @@ class Engine:
                 generation.cancel()
 
         generation = self.submit(request, sink)
-        try:
-            while True:
-                delta = await deltas.get()
-                yield delta
-                if delta.finish_reason is not None:
-                    return
-        finally:
-            generation.cancel()
+        return _stream(deltas, generation)
 
     def complete(self, request: GenerationRequest, timeout: float | None = None) -> TokenDelta:
         """Blocking convenience: run one request to the end and return its whole output as one delta."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, tiny_gpt2, tiny_llama
@@ -19,7 +21,8 @@ GPT2_KINDS = ("prompt", "prefix", "prefix_proj", "lora_qv", "lora_all", "lora_rs
 
 
 def make_engine(model, adapter_dirs: dict[str, object], **settings) -> Engine:
-    engine = Engine(Backbone(model, None, name="tiny"), EngineSettings(**settings))
+    # the engine hooks its backbone's layers; a copy keeps the reference model untouched
+    engine = Engine(Backbone(copy.deepcopy(model), None, name="tiny"), EngineSettings(**settings))
     for kind, path in adapter_dirs.items():
         engine.residency.register(kind, *read_peft_dir(path))
     return engine

@@ -1,0 +1,426 @@
+"""Mixed-task throughput: the engine batching many PEFT tasks of every kind, against the backbone alone and PEFT.
+
+Measured side by side in one run, on the default model, for each N in --sizes:
+
+  (a) engine, N requests on N distinct tasks cycling through every served kind, all submitted at once;
+  (b) engine, the same prompts with no adapter (task "base"): the ceiling (a) is held against;
+  (c) PEFT by hand, one request at a time: one PeftModel per peft type, `set_adapter` per request;
+      timed on a sample of requests and extrapolated (per-request time x N);
+  (d) a LoRA-only load with varied output lengths: the engine vs PEFT's own mixed batch
+      (`generate(adapter_names=...)` on static left-padded batches of the engine's max batch size).
+
+    python bench/mixed_tasks.py --sizes 8,32,64 --new-tokens 64 [--json out.json]
+    python bench/mixed_tasks.py --quick          # smoke run: N=8, 16 new tokens
+    python bench/mixed_tasks.py --profile --sizes 32   # (a) only, under torch.profiler
+"""
+
+# ruff: noqa: E402  (the repo root and tests/ go on sys.path, and the Hub goes offline, before any import)
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import random
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import peft
+import torch
+import transformers
+from peft import PeftModel
+from peft_reference import ALL_SERVED_KINDS, LORA_KINDS, make_adapter
+from rich.console import Console
+from rich.table import Table
+
+from server.config import EngineSettings
+from server.engine.adapters import read_peft_dir
+from server.engine.backbone import Backbone
+from server.engine.request import BASE_TASK, GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+
+TARGETS = {"a/b": 0.90, "a/c": 10.0, "lora engine/peft": 1.5}  # held at N=32
+SENTENCES = [
+    "The committee met on Tuesday to review the budget for the coming year.",
+    "Please summarise the following customer review in one short sentence.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "My flight was delayed by three hours, and nobody at the gate could explain why.",
+    "Translate the next paragraph into French, keeping the formal tone of the original.",
+    "The old lighthouse has guided fishing boats along this rocky coast since 1871.",
+    "Write a polite email declining the invitation, but suggest meeting next month instead.",
+    "Interest rates rose again, and analysts expect house prices to fall slightly.",
+    "She planted tomatoes, basil and peppers in the small garden behind the kitchen.",
+    "Explain, step by step, how a hash table resolves collisions with open addressing.",
+    "The museum will close early on Friday because of the city marathon.",
+    "Classify the sentiment of this tweet as positive, negative or neutral.",
+    "After the storm, volunteers cleared fallen branches from the park paths.",
+    "A good cover letter is short, specific, and tailored to the job description.",
+    "The recipe calls for two cups of flour, a pinch of salt and warm water.",
+    "Which of these three laptops offers the best battery life for the price?",
+]
+console = Console()
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    kind: str
+    path: Path
+    peft_type: str
+
+
+@dataclass
+class Row:
+    """One line of results; tokens/s are useful generated tokens over wall time."""
+
+    n: int
+    mixed_tok_s: float
+    base_tok_s: float
+    peft_single_tok_s: float
+    peft_single_sample: int
+    peft_single_agree: str
+    lora_engine_tok_s: float
+    lora_peft_tok_s: float
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {
+            "a/b": self.mixed_tok_s / self.base_tok_s,
+            "a/c": self.mixed_tok_s / self.peft_single_tok_s,
+            "lora engine/peft": self.lora_engine_tok_s / self.lora_peft_tok_s,
+        }
+
+
+# --- workload --------------------------------------------------------------------------------------
+
+
+def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of 20-60 tokens cut from running English text, so lengths (and so padding) vary as in real traffic."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        want, ids, k = rng.randint(20, 60), [], rng.randrange(len(SENTENCES))
+        while len(ids) < want:
+            ids += tokenizer(" " + SENTENCES[k % len(SENTENCES)], add_special_tokens=False)["input_ids"]
+            k += 1
+        prompts.append(ids[:want])
+    return prompts
+
+
+def make_tasks(model, root: Path, prefix: str, kinds: tuple[str, ...], n: int, seed: int) -> list[Task]:
+    """N distinct randomised PEFT adapters cycling through `kinds`, saved once with PEFT's own save_pretrained."""
+    tasks = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        path = make_adapter(model, kind, root / f"{prefix}{i}", seed=seed + i)
+        peft_type = json.loads((path / "adapter_config.json").read_text())["peft_type"]
+        tasks.append(Task(f"{prefix}{i}-{kind}", kind, path, peft_type))
+    return tasks
+
+
+def varied_lengths(n: int, new_tokens: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(max(1, new_tokens // 4), new_tokens) for _ in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+
+def run_engine(engine: Engine, prompts, task_ids: list[str], lengths: list[int]) -> tuple[float, list[list[int]]]:
+    """Submit every request at once and step to idle on this thread: wall seconds (submission included), outputs."""
+    sync(engine.backbone.device)
+    start = time.perf_counter()
+    generations = [
+        engine.submit(
+            GenerationRequest(tuple(p), SamplingParams(max_new_tokens=m, ignore_eos=True), task_id=t),
+            sink=lambda delta: None,
+        )
+        for p, t, m in zip(prompts, task_ids, lengths)
+    ]
+    engine.run_until_idle()
+    sync(engine.backbone.device)
+    elapsed = time.perf_counter() - start
+    assert [len(g.output_ids) for g in generations] == lengths, "a row stopped short"
+    return elapsed, [g.output_ids for g in generations]
+
+
+def engine_tok_s(engine: Engine, prompts, task_ids, lengths) -> tuple[float, list[list[int]]]:
+    run_engine(engine, prompts, task_ids, [min(4, m) for m in lengths])  # warm-up: same shapes, few steps
+    elapsed, outputs = run_engine(engine, prompts, task_ids, lengths)
+    return sum(lengths) / elapsed, outputs
+
+
+# --- PEFT by hand ------------------------------------------------------------------------------------
+
+
+def load_peft(plain, tasks: list[Task]) -> PeftModel:
+    """One PeftModel holding `tasks` (all of one peft type: PEFT cannot mix types in one model), on a fresh copy."""
+    model = PeftModel.from_pretrained(copy.deepcopy(plain), str(tasks[0].path), adapter_name=tasks[0].task_id)
+    for task in tasks[1:]:
+        model.load_adapter(str(task.path), adapter_name=task.task_id)
+    model.eval()
+    _fix_prompt_learning_generate(model)
+    return model
+
+
+def _fix_prompt_learning_generate(model: PeftModel) -> None:
+    """PEFT-SEMANTICS §7.1: with peft 0.21.2 + transformers 5.x, PeftModel.generate never sees its cache.
+
+    Unpatched, prefix tuning silently drops its prefix and prompt/p-tuning re-feed `nvt + 1` rows every
+    step: wrong output, and not quite the work a correct PEFT does. We apply the documented one-line shim
+    (rename "cache" to "past_key_values") so (c) times PEFT doing the right work. LoRA/IA3 are unaffected.
+    """
+    inner = model.base_model_prepare_inputs_for_generation
+
+    def prepare(*args, **kwargs):
+        inputs = inner(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = prepare
+
+
+def peft_generate(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id or 0,
+        **kwargs,
+    )
+    return out[:, ids.shape[1] :]
+
+
+def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference: list[list[int]]) -> tuple[float, str]:
+    """(c): tokens/s of one-request-at-a-time PEFT, from `sample` requests spread over the load, and agreement.
+
+    Per-request time does not depend on N here (nothing is shared between requests), so tokens/s over the
+    sample is what N requests would get: extrapolated as per-request time x N.
+    """
+    device = next(plain.parameters()).device
+    picks = sorted({i * len(tasks) // sample for i in range(min(sample, len(tasks)))})
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i in picks:
+        by_type[tasks[i].peft_type].append(i)
+    elapsed, agree = 0.0, 0
+    for rows in by_type.values():
+        model = load_peft(plain, [tasks[i] for i in rows])
+        warm = torch.tensor([prompts[rows[0]]], device=device)
+        model.set_adapter(tasks[rows[0]].task_id)
+        peft_generate(model, warm, torch.ones_like(warm), 2)  # warm-up
+        for i in rows:
+            ids = torch.tensor([prompts[i]], device=device)
+            sync(device)
+            start = time.perf_counter()
+            model.set_adapter(tasks[i].task_id)
+            out = peft_generate(model, ids, torch.ones_like(ids), new_tokens)
+            sync(device)
+            elapsed += time.perf_counter() - start
+            agree += out[0].tolist() == reference[i]
+        del model
+    return len(picks) * new_tokens / elapsed, f"{agree}/{len(picks)}"
+
+
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def peft_mixed(plain, tasks: list[Task], prompts, lengths: list[int], batch_size: int) -> float:
+    """(d) PEFT's side: all LoRA tasks in one PeftModel, static batches, each decoded to its longest row.
+
+    Only each row's own max_new_tokens count as useful tokens: a static batch pays for its longest row.
+    """
+    device = next(plain.parameters()).device
+    model = load_peft(plain, tasks)
+    pad = model.config.pad_token_id or 0
+    chunks = [range(s, min(s + batch_size, len(tasks))) for s in range(0, len(tasks), batch_size)]
+    ids, mask = left_pad([prompts[i] for i in chunks[0]], pad, device)
+    peft_generate(model, ids, mask, 2, adapter_names=[tasks[i].task_id for i in chunks[0]])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for chunk in chunks:
+        ids, mask = left_pad([prompts[i] for i in chunk], pad, device)
+        names = [tasks[i].task_id for i in chunk]
+        peft_generate(model, ids, mask, max(lengths[i] for i in chunk), adapter_names=names)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del model
+    return sum(lengths) / elapsed
+
+
+# --- profile --------------------------------------------------------------------------------------------
+
+
+def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
+    """(a) under torch.profiler: top ops by self time, and how much of the wall time no op accounts for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.backbone.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run_engine(engine, prompts, task_ids, lengths)  # warm-up at full length
+    steps = engine.steps
+    with profile(activities=activities) as prof:
+        wall, _ = run_engine(engine, prompts, task_ids, lengths)
+    steps = engine.steps - steps
+    averages = prof.key_averages()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    console.print(averages.table(sort_by=sort_by, row_limit=25))
+    op_seconds = sum(e.self_cpu_time_total for e in averages) / 1e6
+    console.print(
+        f"N={len(prompts)}: {steps} steps in {wall:.2f} s under the profiler ({wall / steps * 1e3:.1f} ms/step); "
+        f"ops' self CPU time {op_seconds:.2f} s, so ~{max(0.0, wall - op_seconds):.2f} s is Python outside any op"
+    )
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, str | int]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def print_report(info: dict, rows: list[Row], args) -> None:
+    console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    mixed = Table(title=f"Mixed tasks: {args.new_tokens} new tokens per request, greedy, ignore_eos (tokens/s)")
+    for col in ("N", "(a) engine mixed", "(b) engine base", "(c) PEFT one-at-a-time*", "c≡a", "a/b", "a/c"):
+        mixed.add_column(col, justify="right")
+    lora = Table(title=f"LoRA-only load, max_new_tokens in [{max(1, args.new_tokens // 4)}, {args.new_tokens}]")
+    for col in ("N", "engine", f"PEFT mixed batch (static, {args.max_batch})", "engine/PEFT"):
+        lora.add_column(col, justify="right")
+    for r in rows:
+        q = {k: f"{v:.2f} {'✓' if v >= TARGETS[k] else '✗'}" for k, v in r.ratios.items()}
+        mixed.add_row(
+            str(r.n),
+            f"{r.mixed_tok_s:.1f}",
+            f"{r.base_tok_s:.1f}",
+            f"{r.peft_single_tok_s:.1f}",
+            r.peft_single_agree,
+            q["a/b"],
+            q["a/c"],
+        )
+        lora.add_row(str(r.n), f"{r.lora_engine_tok_s:.1f}", f"{r.lora_peft_tok_s:.1f}", q["lora engine/peft"])
+    console.print(mixed, lora)
+    console.print(
+        f"* (c) timed on {min(args.peft_sample, max(r.n for r in rows))} requests spread over the load and "
+        "extrapolated (per-request time x N); c≡a: sampled PEFT outputs equal to the engine's. "
+        f"Targets at N=32: a/b ≥ {TARGETS['a/b']}, a/c ≥ {TARGETS['a/c']}, "
+        f"engine/PEFT ≥ {TARGETS['lora engine/peft']}."
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="8,32,64", help="comma-separated N (concurrent requests = distinct tasks)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="smoke run: --sizes 8 --new-tokens 16")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-batch", type=int, default=64, help="engine max_batch_size = PEFT's static batch in (d)")
+    p.add_argument("--peft-sample", type=int, default=8, help="requests timed for (c)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--profile", action="store_true", help="only run (a) at the largest size under torch.profiler")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.new_tokens = "8", 16
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")  # PEFT warns about position ids at every prompt-learning step
+    transformers.logging.set_verbosity_error()
+    backbone = Backbone.load(device=args.device)
+    plain = Backbone.load(device=args.device).model  # hook-free copy for PEFT (the engine hooks its own)
+    maker = plain if backbone.device.type == "cpu" else Backbone.load(device="cpu", dtype="float32").model
+    n_max = max(args.sizes)
+    with tempfile.TemporaryDirectory(prefix="taskserve-bench-") as tmp:
+        started = time.perf_counter()
+        mixed = make_tasks(maker, Path(tmp), "t", ALL_SERVED_KINDS, n_max, seed=0)
+        lora = [] if args.profile else make_tasks(maker, Path(tmp), "lora", LORA_KINDS, n_max, seed=1000)
+        console.print(f"built {len(mixed) + len(lora)} PEFT adapters in {time.perf_counter() - started:.0f} s")
+        engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch))
+        for task in mixed + lora:
+            engine.residency.register(task.task_id, *read_peft_dir(task.path))
+        prompts = make_prompts(backbone.tokenizer, n_max)
+        if args.profile:
+            lengths = [args.new_tokens] * n_max
+            profile_engine(engine, prompts, [t.task_id for t in mixed], lengths)
+            return
+        rows = [measure(engine, plain, mixed[:n], lora[:n], prompts[:n], args) for n in args.sizes]
+    info = machine_info(backbone.device)
+    print_report(info, rows, args)
+    if args.json:
+        results = [{**asdict(r), "ratios": r.ratios} for r in rows]
+        args.json.write_text(json.dumps({"machine": info, "targets": TARGETS, "results": results}, indent=2))
+
+
+def measure(engine: Engine, plain, mixed: list[Task], lora: list[Task], prompts, args) -> Row:
+    n, m = len(mixed), args.new_tokens
+
+    def log(what: str) -> None:
+        console.print(f"N={n}: {what}", style="dim")
+
+    same = [m] * n
+    log("(a) engine, mixed tasks")
+    mixed_tok_s, reference = engine_tok_s(engine, prompts, [t.task_id for t in mixed], same)
+    log("(b) engine, base")
+    base_tok_s, _ = engine_tok_s(engine, prompts, [BASE_TASK] * n, same)
+    log("(c) PEFT, one request at a time")
+    single_tok_s, agree = peft_single(plain, mixed, prompts, m, args.peft_sample, reference)
+    lengths = varied_lengths(n, m)
+    log("(d) LoRA load: engine")
+    lora_engine, _ = engine_tok_s(engine, prompts, [t.task_id for t in lora], lengths)
+    log("(d) LoRA load: PEFT mixed batch")
+    lora_peft = peft_mixed(plain, lora, prompts, lengths, args.max_batch)
+    return Row(n, mixed_tok_s, base_tok_s, single_tok_s, min(args.peft_sample, n), agree, lora_engine, lora_peft)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP only: routes, schemas, errors. Everything else is the engine's."""

@@ -1,0 +1,26 @@
+"""Dependencies the routes declare: the engine and settings the app was built with."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.engine.request import EngineStopped
+from server.engine.scheduler import Engine
+
+
+def get_engine(request: Request) -> Engine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise EngineStopped("the model is still loading")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,346 @@
+"""Adapter loading: what we refuse (and why, by name), LoRA scaling, prefix layout, batched LoRA == per-row."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_llama
+from torch import nn
+
+from server.engine.adapters import AdapterError, LoadedAdapter, Placement, load_adapter, read_peft_dir
+from server.engine.adapters.base import Ia3Module, LoraModule
+from server.engine.adapters.batched import AdapterBatchData, AdapterHooks, BmmLoraBackend, LoopLoraBackend
+from server.engine.backbone import Backbone, Geometry
+from server.engine.residency import Residency
+
+CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
+SERVED_TYPES = ("IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The backbone adapters are loaded into, and models of other shapes to make mismatching adapters on."""
+    return {
+        "base": tiny_llama(),  # hidden 64, 2 layers, 4 heads, 2 KV heads
+        "hidden96": tiny_llama(hidden_size=96),
+        "layers3": tiny_llama(num_layers=3),
+        "kv1": tiny_llama(num_kv_heads=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def geometry(models) -> Geometry:
+    return Backbone(models["base"], None, name="tiny").geometry
+
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory) -> Callable[[str, str], Path]:
+    """adapters(kind, model name) -> a saved PEFT directory, made once."""
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, model: str = "base") -> Path:
+        if (kind, model) not in made:
+            made[(kind, model)] = make_adapter(models[model], kind, root / f"{model}-{kind}", seed=len(made))
+        return made[(kind, model)]
+
+    return get
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def _poison(kind_key: str, value: float):
+    def edit(config, tensors):
+        key = next(k for k in sorted(tensors) if kind_key in k)
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[3] = value
+
+    return edit
+
+
+def _set(**fields):
+    def edit(config, tensors):
+        config.update(fields)
+
+    return edit
+
+
+def _drop_config(name: str):
+    def edit(config, tensors):
+        del config[name]
+
+    return edit
+
+
+def _add_tensor(key: str):
+    def edit(config, tensors):
+        tensors[key] = torch.zeros(4)
+
+    return edit
+
+
+def _rename_module(old: str, new: str):
+    def edit(config, tensors):
+        for key in [k for k in tensors if old in k]:
+            tensors[key.replace(old, new)] = tensors.pop(key)
+
+    return edit
+
+
+def _transpose(module: str):
+    def edit(config, tensors):
+        key = next(k for k in sorted(tensors) if module in k)
+        tensors[key] = tensors[key].t().contiguous()
+
+    return edit
+
+
+def _unchanged(config, tensors):
+    pass
+
+
+# (case id, adapter kind, model it was made on, edit of (config, tensors), words the refusal must contain)
+REFUSALS = [
+    *[
+        (f"refused-{kind}", kind, "base", _unchanged, [field])
+        for kind, field in zip(
+            REFUSED_KINDS, ("use_dora=True", "bias='all'", "modules_to_save=['lm_head']"), strict=True
+        )
+    ],
+    ("dora-magnitude-without-use_dora", "dora", "base", _set(use_dora=False), ["lora_magnitude_vector", "DoRA"]),
+    ("unknown-peft-type", "lora_qv", "base", _set(peft_type="LOHA"), ["LOHA", *SERVED_TYPES]),
+    ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
+    ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
+    ("lora-nan", "lora_qv", "base", _poison("lora_B", float("nan")), ["lora_B", "NaN or Inf"]),
+    ("prompt-inf", "prompt", "base", _poison("prompt_embeddings", float("inf")), ["prompt_embeddings", "NaN or Inf"]),
+    ("prefix-nan", "prefix", "base", _poison("prompt_embeddings", float("nan")), ["prompt_embeddings", "NaN or Inf"]),
+    ("ia3-inf", "ia3", "base", _poison("ia3_l", float("-inf")), ["ia3_l", "NaN or Inf"]),
+    ("lora-hidden-96", "lora_qv", "hidden96", _unchanged, ["lora_A.weight", "[4, 96]", "[4, 64]"]),
+    ("prompt-hidden-96", "prompt", "hidden96", _unchanged, ["token_dim=96", "hidden size is 64"]),
+    ("ia3-hidden-96", "ia3", "hidden96", _unchanged, ["ia3_l", "shape"]),
+    ("prefix-3-layers", "prefix", "layers3", _unchanged, ["num_layers=3", "2 layers"]),
+    ("prefix-1-kv-head", "prefix", "kv1", _unchanged, ["token_dim=16", "2 KV heads"]),
+    ("prefix-config-lies-about-layers", "prefix", "layers3", _set(num_layers=2), ["prompt_embeddings", "shape"]),
+    ("lora-module-missing", "lora_qv", "layers3", _unchanged, ["model.layers.2.self_attn", "not a linear layer"]),
+    (
+        "lora-renamed-module",
+        "lora_qv",
+        "base",
+        _rename_module("self_attn.q_proj", "self_attn.qkv_proj"),
+        ["model.layers.0.self_attn.qkv_proj", "not a linear layer"],
+    ),
+    ("lora-extra-tensor", "lora_qv", "base", _add_tensor("base_model.model.model.norm.weight"), ["model.norm.weight"]),
+    ("prompt-extra-tensor", "prompt", "base", _add_tensor("prompt_encoder.extra"), ["prompt_encoder.extra"]),
+    ("lora-rank-pattern-dropped", "lora_pattern", "base", _set(rank_pattern={}), ["q_proj.lora_A.weight", "[2, 64]"]),
+    ("ia3-out-vector-transposed", "ia3", "base", _transpose("k_proj"), ["k_proj", "non-feed-forward", "[32, 1]"]),
+    ("ia3-in-vector-transposed", "ia3", "base", _transpose("down_proj"), ["down_proj", "feed-forward", "[1, 128]"]),
+    ("ia3-feedforward-config-wrong", "ia3", "base", _set(feedforward_modules=[]), ["down_proj", "[64, 1]"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "made_on", "edit", "words"), [case[1:] for case in REFUSALS], ids=[case[0] for case in REFUSALS]
+)
+def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, adapters, kind, made_on, edit, words):
+    config, tensors = read_peft_dir(adapters(kind, made_on))
+    edit(config, tensors)
+    residency = Residency(Backbone(models["base"], None, name="tiny"))
+    served = residency.register("task", *read_peft_dir(adapters("lora_qv")))
+
+    with pytest.raises(AdapterError) as refused:
+        residency.register("task", config, tensors)
+    for word in words:
+        assert word in str(refused.value)
+    with pytest.raises(AdapterError):
+        residency.register("other", config, tensors)
+
+    assert residency.task_ids() == ["task"]
+    assert residency.get("task") is served  # the previous version is still the one served
+    assert residency.register("task", *read_peft_dir(adapters("lora_qv"))).key == "task@2"  # no version was used up
+
+
+def test_served_kinds_load(geometry, adapters):
+    for kind in ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3"):
+        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, CPU)
+        assert loaded.parameters > 0, kind
+
+
+class _Explodes:
+    """Unpickling this creates `marker`; the refusal must not get that far."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_pickle_only_directory_is_refused_without_unpickling(tmp_path, monkeypatch, adapters):
+    marker = tmp_path / "unpickled"
+    (tmp_path / "adapter_config.json").write_bytes((adapters("lora_qv") / "adapter_config.json").read_bytes())
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"weights": _Explodes(marker)}))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(AdapterError, match="safe_serialization=True"):
+        read_peft_dir(tmp_path)
+    assert not marker.exists()
+
+
+def test_broken_files_are_refused(tmp_path, adapters):
+    source = adapters("lora_qv")
+    config, weights = (source / "adapter_config.json").read_bytes(), (source / "adapter_model.safetensors").read_bytes()
+    cases = {
+        "bad-json": (b'{"peft_type": "LORA", ', weights, "not valid JSON"),
+        "json-list": (b"[1, 2]", weights, "JSON object"),
+        "truncated": (config, weights[: len(weights) // 2], "not a valid safetensors file"),
+        "header-only": (config, weights[:6], "not a valid safetensors file"),
+    }
+    for name, (config_bytes, weight_bytes, message) in cases.items():
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_bytes(config_bytes)
+        (path / "adapter_model.safetensors").write_bytes(weight_bytes)
+        with pytest.raises(AdapterError, match=message):
+            read_peft_dir(path)
+
+
+# --- LoRA scaling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "patch", "expected"),
+    [
+        ("lora_qv", {}, {"q_proj": 8 / 4, "v_proj": 8 / 4}),  # alpha / r
+        ("lora_rslora", {}, dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), 8 / math.sqrt(16))),
+        # r=4, alpha=4, rank_pattern {q_proj: 2}, alpha_pattern {v_proj: 16}
+        ("lora_pattern", {}, {"q_proj": 4 / 2, "k_proj": 4 / 4, "v_proj": 16 / 4, "o_proj": 4 / 4}),
+        (
+            "lora_pattern",
+            {"use_rslora": True},
+            {"q_proj": 4 / math.sqrt(2), "k_proj": 4 / 2, "v_proj": 16 / 2, "o_proj": 4 / 2},
+        ),
+    ],
+    ids=["alpha-over-r", "rslora", "patterns", "patterns-rslora"],
+)
+def test_lora_scaling(geometry, models, adapters, kind, patch, expected):
+    config, tensors = read_peft_dir(adapters(kind))
+    loaded = load_adapter("t@1", {**config, **patch}, tensors, geometry, CPU)
+    assert sorted(loaded.lora) == sorted(f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in expected)
+    for name, module in loaded.lora.items():
+        assert module.scaling == pytest.approx(expected[name.rsplit(".", 1)[1]], rel=1e-12), name
+    if not patch:  # and PEFT itself agrees
+        reference = load_reference(models["base"], adapters(kind))
+        for name, module in reference.named_modules():
+            if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
+                assert loaded.lora[name.removeprefix("base_model.model.")].scaling == module.scaling["default"]
+
+
+# --- prefix layout --------------------------------------------------------------------------------
+
+
+def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
+    model = models["layers3"]  # 3 layers, 4 query heads over 2 KV heads: layout bugs cannot hide
+    geometry = Backbone(model, None, name="tiny3").geometry
+    config, tensors = read_peft_dir(adapters("prefix", "layers3"))
+    loaded = load_adapter("t@1", config, tensors, geometry, CPU)
+    flat = tensors["prompt_embeddings"]
+    layers, kv_heads, head_dim, nvt = 3, 2, 16, config["num_virtual_tokens"]
+    assert loaded.prefix_kv.shape == (layers, 2, kv_heads, nvt, head_dim)
+    for layer in range(layers):
+        for k_or_v in range(2):
+            for head in range(kv_heads):
+                start = ((layer * 2 + k_or_v) * kv_heads + head) * head_dim
+                assert torch.equal(loaded.prefix_kv[layer, k_or_v, head], flat[:, start : start + head_dim])
+    # PEFT's own get_prompt builds the same cache
+    cache = load_reference(model, adapters("prefix", "layers3")).get_prompt(batch_size=1)
+    for layer in range(layers):
+        assert torch.equal(cache.layers[layer].keys[0], loaded.prefix_kv[layer, 0])
+        assert torch.equal(cache.layers[layer].values[0], loaded.prefix_kv[layer, 1])
+
+
+# --- batched LoRA == per-row reference ------------------------------------------------------------
+
+
+def _lora(key: str, shapes: dict[str, tuple[int, int, int]], seed: int, scaling: float) -> LoadedAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        name: LoraModule(
+            a=torch.randn(rank, n_in, generator=g), b=torch.randn(n_out, rank, generator=g), scaling=scaling
+        )
+        for name, (rank, n_in, n_out) in shapes.items()
+    }
+    return LoadedAdapter(key=key, kind="lora", lora=modules)
+
+
+def _ia3(key: str, seed: int) -> LoadedAdapter:
+    g = torch.Generator().manual_seed(seed)
+    return LoadedAdapter(
+        key=key,
+        kind="ia3",
+        ia3={
+            "0": Ia3Module(vector=torch.rand(16, generator=g) + 0.5, on_input=True),
+            "2": Ia3Module(vector=torch.rand(8, generator=g) + 0.5, on_input=False),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).eval()
+    hooks = {
+        name: AdapterHooks(model, ["0", "2"], backend())
+        for name, backend in (("bmm", BmmLoraBackend), ("loop", LoopLoraBackend))
+    }
+    yield model, hooks
+    for h in hooks.values():
+        h.remove()
+
+
+LORA_A = _lora("a@1", {"0": (2, 16, 24), "2": (3, 24, 8)}, seed=1, scaling=2.0)
+LORA_B = _lora("b@1", {"0": (5, 16, 24)}, seed=2, scaling=0.5)  # layer 0 only, higher rank
+LORA_C = _lora("c@1", {"2": (1, 24, 8)}, seed=3, scaling=1.5)  # layer 2 only, rank 1
+IA3 = _ia3("d@1", seed=4)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [LORA_A, None, LORA_B, LORA_A, IA3, None, LORA_C],  # mixed ranks, layers, kinds, and plain rows
+        [LORA_B, LORA_A, LORA_B],  # every row has LoRA on layer 0: the no-gather path
+        [None, LORA_C, None],
+    ],
+    ids=["mixed", "all-rows", "one-row"],
+)
+def test_batched_lora_equals_the_per_row_reference(mlp, rows):
+    model, hooks = mlp
+    x = torch.randn(len(rows), 3, 16, generator=torch.Generator().manual_seed(7))
+    data = AdapterBatchData.build(rows, torch.device("cpu"))
+    with torch.inference_mode():
+        base = model(x)
+        outputs = {}
+        for name, h in hooks.items():
+            with h.active(data):
+                outputs[name] = model(x)
+    for i, row in enumerate(rows):
+        if row is None:  # exactly the base model, whatever shares the batch
+            assert torch.equal(outputs["bmm"][i], base[i]) and torch.equal(outputs["loop"][i], base[i])
+        else:  # sanity: the adapter does something
+            assert not torch.allclose(outputs["loop"][i], base[i], atol=1e-3)
+    torch.testing.assert_close(outputs["bmm"], outputs["loop"], atol=1e-5, rtol=1e-5)
+    # and a row's result does not depend on its mates: each row alone through the reference path
+    for i, row in enumerate(rows):
+        with torch.inference_mode(), hooks["loop"].active(AdapterBatchData.build([row], torch.device("cpu"))):
+            alone = model(x[i : i + 1])
+        torch.testing.assert_close(outputs["bmm"][i], alone[0], atol=1e-5, rtol=1e-5)

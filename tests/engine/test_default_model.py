@@ -1,0 +1,69 @@
+"""On the real default model (SmolLM2-135M-Instruct): LoRA, prefix and prompt tuning against PEFT, mixed."""
+
+from __future__ import annotations
+
+import pytest
+from peft_reference import make_adapter, peft_greedy
+from transformers import AutoModelForCausalLM
+
+from server.config import EngineSettings
+from server.engine.adapters import read_peft_dir
+from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+
+KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3")
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    return Backbone.load(DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(backbone, tmp_path_factory):
+    reference_model = AutoModelForCausalLM.from_pretrained(default_cache_dir() / DEFAULT_MODEL).eval()
+    root = tmp_path_factory.mktemp("smollm2-adapters")
+    dirs = {kind: make_adapter(reference_model, kind, root / kind, seed=i) for i, kind in enumerate(KINDS)}
+    prompts = [
+        backbone.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS
+    ]
+    expected = {
+        (kind, i): peft_greedy(reference_model, dirs.get(kind), list(prompt), NEW_TOKENS)
+        for kind in ("base", *KINDS)
+        for i, prompt in enumerate(prompts)
+    }
+    return dirs, prompts, expected
+
+
+def test_default_model_geometry(backbone):
+    g = backbone.geometry
+    assert (g.num_layers, g.hidden_size, g.num_heads, g.num_kv_heads, g.head_dim) == (30, 576, 9, 3, 64)
+    assert g.linear_modules["model.layers.0.self_attn.k_proj"].out_features == 192
+    assert "lm_head" not in g.linear_modules
+    assert backbone.eos_token_ids == {2}
+
+
+def test_mixed_batch_on_default_model_matches_peft(backbone, setup):
+    dirs, prompts, expected = setup
+    for kind in KINDS:  # the adapters really change what the model says
+        assert any(expected[(kind, i)] != expected[("base", i)] for i in range(len(prompts))), kind
+    engine = Engine(backbone, EngineSettings())
+    for kind, path in dirs.items():
+        engine.residency.register(kind, *read_peft_dir(path))
+    generations = {}
+    for i, prompt in enumerate(prompts):
+        for kind in ("base", *KINDS):
+            request = GenerationRequest(tuple(prompt), SamplingParams(max_new_tokens=NEW_TOKENS), task_id=kind)
+            generations[(kind, i)] = engine.submit(request, sink=lambda d: None)
+        engine.step()  # the next prompt's rows join a running batch
+    engine.run_until_idle()
+    for job, generation in generations.items():
+        assert generation.output_ids == expected[job], job
+    engine.stop()
