@@ -1,0 +1,129 @@
+"""The native API through HTTP, on the default model: status, body, and the side effect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from peft_reference import make_adapter
+from transformers import AutoModelForCausalLM
+
+from server.app import create_app
+from server.config import Settings
+from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
+
+
+@pytest.fixture(scope="module")
+def client():
+    backbone = Backbone.load(DEFAULT_MODEL, device="cpu")
+    with TestClient(create_app(Settings(max_upload_bytes=8_000_000), backbone=backbone)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(default_cache_dir() / DEFAULT_MODEL)
+    return make_adapter(model, "lora_qv", tmp_path_factory.mktemp("lora") / "lora_qv", seed=3)
+
+
+def upload(client: TestClient, task_id: str, files: dict[str, bytes]):
+    return client.post(f"/v1/tasks/{task_id}/versions", files=[("files", (n, d)) for n, d in files.items()])
+
+
+def peft_files(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def generate(client: TestClient, task_id: str, **body):
+    return client.post(f"/v1/tasks/{task_id}/generate", json={"max_new_tokens": 8, **body})
+
+
+def test_health_and_ready(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_generate_base_with_prompt_and_messages(client):
+    body = generate(client, "base", prompt="The capital of France is").json()
+    assert body["task_id"] == "base" and body["version"] is None
+    assert body["usage"]["completion_tokens"] == len(body["token_ids"]) > 0
+    chat = generate(client, "base", messages=[{"role": "user", "content": "Say hello."}]).json()
+    assert chat["finish_reason"] in ("stop", "length") and chat["text"]
+
+
+def test_upload_then_generate_uses_the_task(client, lora_dir):
+    created = upload(client, "greeter", peft_files(lora_dir))
+    assert created.status_code == 201, created.text
+    assert created.json()["version"] == 1 and created.json()["kind"] == "lora"
+    assert client.get("/v1/tasks/greeter").json()["version"] == 1
+    prompt = "Write one sentence about rivers."
+    tuned = generate(client, "greeter", prompt=prompt).json()
+    base = generate(client, "base", prompt=prompt).json()
+    assert tuned["version"] == 1 and tuned["token_ids"] != base["token_ids"]
+    assert upload(client, "greeter", peft_files(lora_dir)).json()["version"] == 2
+    assert generate(client, "greeter", prompt=prompt).json()["version"] == 2
+
+
+def test_stream_sends_deltas_then_the_end(client):
+    with client.stream("POST", "/v1/tasks/base/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    deltas, end = events[:-1], events[-1]
+    assert sum(len(d["token_ids"]) for d in deltas) == end["usage"]["completion_tokens"] == 5
+    assert end["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": "x", "top_p": 3}, "top_p"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one"),
+        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 100_000}, "max_new_tokens"),
+        ({"prompt": "x " * 9000}, "context length"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_generate_requests_are_400_with_a_reason(client, body, fragment):
+    response = generate(client, "base", **body)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request"
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_unknown_task_is_404(client):
+    response = generate(client, "no-such-task", prompt="x")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "unknown_task"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "fragment"),
+    [
+        (lambda f: {"adapter_config.json": f["adapter_config.json"]}, 422, "adapter_model.safetensors"),
+        (lambda f: {"adapter_config.json": f["adapter_config.json"], "adapter_model.bin": b"\x80\x04"}, 422, "pickle"),
+        (lambda f: {**f, "adapter_config.json": b"{not json"}, 422, "JSON"),
+        (lambda f: {**f, "adapter_model.safetensors": f["adapter_model.safetensors"][:100]}, 422, "safetensors"),
+        (
+            lambda f: {**f, "adapter_config.json": json.dumps({**json.loads(f["adapter_config.json"]), "use_dora": True})},
+            422,
+            "use_dora",
+        ),
+        (lambda f: {**f, "padding.bin": b"0" * 9_000_000}, 413, "limit"),
+    ],
+)
+def test_bad_uploads_are_refused_and_change_nothing(client, lora_dir, mutate, status, fragment):
+    before = client.get("/v1/tasks").json()
+    response = upload(client, "refused", mutate(peft_files(lora_dir)))
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert client.get("/v1/tasks").json() == before
+    assert client.get("/v1/tasks/refused").status_code == 404
+
+
+def test_delete_task(client, lora_dir):
+    assert upload(client, "short-lived", peft_files(lora_dir)).status_code == 201
+    assert client.delete("/v1/tasks/short-lived").status_code == 204
+    assert generate(client, "short-lived", prompt="x").status_code == 404
+    assert client.delete("/v1/tasks/short-lived").status_code == 404
