@@ -36,6 +36,10 @@ def peft_files(path: Path) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
 
 
+def with_config(files: dict[str, bytes], **changes) -> bytes:
+    return json.dumps({**json.loads(files["adapter_config.json"]), **changes}).encode()
+
+
 def generate(client: TestClient, task_id: str, **body):
     return client.post(f"/v1/tasks/{task_id}/generate", json={"max_new_tokens": 8, **body})
 
@@ -67,7 +71,8 @@ def test_upload_then_generate_uses_the_task(client, lora_dir):
 
 
 def test_stream_sends_deltas_then_the_end(client):
-    with client.stream("POST", "/v1/tasks/base/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": True}) as r:
+    body = {"prompt": "Hi", "max_new_tokens": 5, "stream": True}
+    with client.stream("POST", "/v1/tasks/base/generate", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     deltas, end = events[:-1], events[-1]
@@ -105,11 +110,7 @@ def test_unknown_task_is_404(client):
         (lambda f: {"adapter_config.json": f["adapter_config.json"], "adapter_model.bin": b"\x80\x04"}, 422, "pickle"),
         (lambda f: {**f, "adapter_config.json": b"{not json"}, 422, "JSON"),
         (lambda f: {**f, "adapter_model.safetensors": f["adapter_model.safetensors"][:100]}, 422, "safetensors"),
-        (
-            lambda f: {**f, "adapter_config.json": json.dumps({**json.loads(f["adapter_config.json"]), "use_dora": True})},
-            422,
-            "use_dora",
-        ),
+        (lambda f: {**f, "adapter_config.json": with_config(f, use_dora=True)}, 422, "use_dora"),
         (lambda f: {**f, "padding.bin": b"0" * 9_000_000}, 413, "limit"),
     ],
 )
