@@ -73,7 +73,7 @@ SENTENCES = [
     "The recipe calls for two cups of flour, a pinch of salt and warm water.",
     "Which of these three laptops offers the best battery life for the price?",
 ]
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference: 
     by_type: dict[str, list[int]] = defaultdict(list)
     for i in picks:
         by_type[tasks[i].peft_type].append(i)
-    elapsed, agree = 0.0, 0
+    elapsed, agree, eos = 0.0, 0, plain.config.eos_token_id
     for rows in by_type.values():
         model = load_peft(plain, [tasks[i] for i in rows])
         warm = torch.tensor([prompts[rows[0]]], device=device)
@@ -239,9 +239,15 @@ def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference: 
             out = peft_generate(model, ids, torch.ones_like(ids), new_tokens)
             sync(device)
             elapsed += time.perf_counter() - start
-            agree += out[0].tolist() == reference[i]
+            agree += _agrees(out[0].tolist(), reference[i], eos)
         del model
     return len(picks) * new_tokens / elapsed, f"{agree}/{len(picks)}"
+
+
+def _agrees(peft_ids: list[int], engine_ids: list[int], eos: int | None) -> bool:
+    """Equal up to the engine's first EOS: min_new_tokens makes PEFT suppress EOS, ignore_eos lets us emit it."""
+    end = engine_ids.index(eos) if eos in engine_ids else len(engine_ids)
+    return peft_ids[:end] == engine_ids[:end]
 
 
 def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +299,7 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
     steps = engine.steps - steps
     averages = prof.key_averages()
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    console.print(averages.table(sort_by=sort_by, row_limit=25))
+    print(averages.table(sort_by=sort_by, row_limit=25))  # plain: rich would re-wrap the profiler's table
     op_seconds = sum(e.self_cpu_time_total for e in averages) / 1e6
     console.print(
         f"N={len(prompts)}: {steps} steps in {wall:.2f} s under the profiler ({wall / steps * 1e3:.1f} ms/step); "
@@ -305,16 +311,10 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
 
 
 def machine_info(device: torch.device) -> dict[str, str | int]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
     return {
-        "cpu": cpu,
+        "cpu": cpu or platform.processor() or "?",
         "cores": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
@@ -336,15 +336,8 @@ def print_report(info: dict, rows: list[Row], args) -> None:
         lora.add_column(col, justify="right")
     for r in rows:
         q = {k: f"{v:.2f} {'✓' if v >= TARGETS[k] else '✗'}" for k, v in r.ratios.items()}
-        mixed.add_row(
-            str(r.n),
-            f"{r.mixed_tok_s:.1f}",
-            f"{r.base_tok_s:.1f}",
-            f"{r.peft_single_tok_s:.1f}",
-            r.peft_single_agree,
-            q["a/b"],
-            q["a/c"],
-        )
+        speeds = (f"{x:.1f}" for x in (r.mixed_tok_s, r.base_tok_s, r.peft_single_tok_s))
+        mixed.add_row(str(r.n), *speeds, r.peft_single_agree, q["a/b"], q["a/c"])
         lora.add_row(str(r.n), f"{r.lora_engine_tok_s:.1f}", f"{r.lora_peft_tok_s:.1f}", q["lora engine/peft"])
     console.print(mixed, lora)
     console.print(
@@ -404,21 +397,20 @@ def main(argv: list[str] | None = None) -> None:
 def measure(engine: Engine, plain, mixed: list[Task], lora: list[Task], prompts, args) -> Row:
     n, m = len(mixed), args.new_tokens
 
-    def log(what: str) -> None:
-        console.print(f"N={n}: {what}", style="dim")
+    def log(what: str, tok_s: float) -> None:  # as we go: a cut-short run still says something
+        console.print(f"N={n}: {what}: {tok_s:.1f} tokens/s", style="dim")
 
-    same = [m] * n
-    log("(a) engine, mixed tasks")
+    same, lengths = [m] * n, varied_lengths(n, m)
     mixed_tok_s, reference = engine_tok_s(engine, prompts, [t.task_id for t in mixed], same)
-    log("(b) engine, base")
+    log("(a) engine, mixed tasks", mixed_tok_s)
     base_tok_s, _ = engine_tok_s(engine, prompts, [BASE_TASK] * n, same)
-    log("(c) PEFT, one request at a time")
+    log("(b) engine, base", base_tok_s)
     single_tok_s, agree = peft_single(plain, mixed, prompts, m, args.peft_sample, reference)
-    lengths = varied_lengths(n, m)
-    log("(d) LoRA load: engine")
+    log("(c) PEFT, one request at a time", single_tok_s)
     lora_engine, _ = engine_tok_s(engine, prompts, [t.task_id for t in lora], lengths)
-    log("(d) LoRA load: PEFT mixed batch")
+    log("(d) LoRA load, engine", lora_engine)
     lora_peft = peft_mixed(plain, lora, prompts, lengths, args.max_batch)
+    log("(d) LoRA load, PEFT mixed batch", lora_peft)
     return Row(n, mixed_tok_s, base_tok_s, single_tok_s, min(args.peft_sample, n), agree, lora_engine, lora_peft)
 
 

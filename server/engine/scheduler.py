@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,12 @@ class Scheduler:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
             self.waiting.append(generation)
 
+    def drain(self) -> list[Generation]:
+        """Take every waiting request out of the queue (at shutdown)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        return waiting
+
     def schedule(self, running: Batch | None) -> StepPlan:
         rows = len(running) if running else 0
         length = running.length if running else 0  # KV columns the running batch already spans
@@ -185,6 +192,8 @@ class Engine:
             self._thread.join()
             self._thread = None
         self._fail_running(EngineStopped("the engine stopped"))
+        for generation in self.scheduler.drain():
+            generation.end("error", error="the engine stopped")
 
     def run_until_idle(self) -> None:
         """Step on the caller's thread until nothing runs or waits (tests and tools; not with start())."""
@@ -225,7 +234,9 @@ class Engine:
                 generation.cancel()
 
         generation = self.submit(request, sink)
-        return _stream(deltas, generation)
+        stream = _stream(deltas, generation)
+        weakref.finalize(stream, generation.cancel)  # a stream dropped before its first read never runs its finally
+        return stream
 
     def complete(self, request: GenerationRequest, timeout: float | None = None) -> TokenDelta:
         """Blocking convenience: run one request to the end and return its whole output as one delta."""
@@ -301,12 +312,8 @@ class Engine:
             return
         keep = self._update(batch, logits)
         batch = batch.filter(keep) if len(keep) < len(batch) else batch
-        if plan.prefill:
-            self.running = Batch.concatenate([b for b in (self.running, batch) if b is not None])
-        else:
-            self.running = batch
-        if self.running is not None and not len(self.running):
-            self.running = None
+        parts = [b for b in (self.running if plan.prefill else None, batch) if b is not None and len(b)]
+        self.running = Batch.concatenate(parts) if parts else None
         self._in_flight = []
         self.steps += 1
 

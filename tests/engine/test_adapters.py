@@ -55,9 +55,9 @@ def adapters(models, tmp_path_factory) -> Callable[[str, str], Path]:
 # --- refusals -------------------------------------------------------------------------------------
 
 
-def _poison(kind_key: str, value: float):
+def _poison(key_part: str, value: float):
     def edit(config, tensors):
-        key = next(k for k in sorted(tensors) if kind_key in k)
+        key = next(k for k in sorted(tensors) if key_part in k)
         tensors[key] = tensors[key].clone()
         tensors[key].view(-1)[3] = value
 

@@ -1,0 +1,437 @@
+"""Filesystem backend: one directory per task, one immutable directory per version, no locks.
+
+Layout under `root`:
+
+    tasks/<task_id>/v<N>/      the version's files + meta.json; appears complete (renamed in from tmp/)
+    tasks/<task_id>/CURRENT    the current version number, replaced atomically
+    floors/<task_id>           highest version a deleted task used, so numbers are never reused
+    tmp/                       uploads being written; a leftover is a crashed upload (swept lazily)
+    trash/                     deleted task dirs being removed
+    CHANGES                    one JSON line per change (O_APPEND); watchers tail it instead of scanning
+
+Safe for several processes (replicas on one host or a POSIX filesystem with atomic rename): rename(2)
+refuses a non-empty target, so two concurrent puts can never both take v<N>; the loser retries N+1.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from adapters_store.base import (
+    META_FILE,
+    TASK_ID,
+    AdapterStore,
+    Artifact,
+    Change,
+    ChangeCallback,
+    Page,
+    StoreUnavailable,
+    TaskInfo,
+    TaskNotFound,
+    TaskSummary,
+    VersionInfo,
+    VersionNotFound,
+    Watch,
+    check_files,
+    check_limit,
+    check_version,
+    content_sha256,
+    validate_task_id,
+)
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+CHANGES = "CHANGES"
+STALE_UPLOAD_S = 3600.0  # a tmp/ upload untouched this long belongs to a crashed writer
+SWEEP_EVERY_S = 60.0
+
+
+def _version_of(name: str) -> int | None:
+    if name.startswith("v") and name[1:].isdigit() and not name[1:].startswith("0"):
+        return int(name[1:])
+    return None
+
+
+class DiskStore(AdapterStore):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        durable: bool = True,
+        poll_interval: float = 0.2,
+        changes_max_bytes: int = 8 << 20,
+    ) -> None:
+        """`durable=False` skips fsync (tests, tmpfs); a crash may then lose recent puts but never tear one."""
+        self.root = Path(root).expanduser().absolute()
+        self._durable = durable
+        self._poll_interval = poll_interval
+        self._changes_max_bytes = changes_max_bytes
+        self._tasks, self._floors = self.root / "tasks", self.root / "floors"
+        self._tmp, self._trash = self.root / "tmp", self.root / "trash"
+        self._changes = self.root / CHANGES
+        self._watches: list[Watch] = []
+        self._last_sweep = 0.0
+        with self._os_errors():
+            for d in (self._tasks, self._floors, self._tmp, self._trash):
+                d.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+
+    def __repr__(self) -> str:
+        return f"DiskStore({str(self.root)!r})"
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def put(
+        self,
+        task_id: str,
+        files: Mapping[str, bytes],
+        *,
+        kind: str,
+        parameters: int,
+        backbone: str,
+        description: str | None = None,
+    ) -> VersionInfo:
+        validate_task_id(task_id)
+        check_files(files)
+        meta = {
+            "kind": kind,
+            "parameters": int(parameters),
+            "bytes": sum(len(data) for data in files.values()),
+            "sha256": content_sha256(files),
+            "created_at": time.time(),
+            "backbone": backbone,
+            "description": description,
+        }
+        with self._os_errors():
+            if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
+                self._sweep()
+            staging = Path(tempfile.mkdtemp(prefix="put-", dir=self._tmp))
+            try:
+                for name, data in files.items():
+                    self._write_file(staging / name, bytes(data))
+                # meta.json marks a version complete: readers ignore a version dir without it
+                self._write_file(staging / META_FILE, json.dumps({**meta, "files": sorted(files)}).encode())
+                self._fsync_dir(staging)
+                version = self._rename_in(task_id, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._write_current(task_id, version)
+            self._append_change(Change(task_id, "put", version))
+        return VersionInfo(task_id=task_id, version=version, **meta)
+
+    def _rename_in(self, task_id: str, staging: Path) -> int:
+        """Move a complete staging dir to the first free v<N>; returns N."""
+        task_dir = self._tasks / task_id
+        version = self._next_version(task_id)
+        for _ in range(10_000):
+            task_dir.mkdir(exist_ok=True)
+            try:
+                os.rename(staging, task_dir / f"v{version}")
+            except FileNotFoundError:  # a concurrent delete moved the task dir away: recreate it
+                if not staging.exists():
+                    raise
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version += 1  # another writer took v<N> first
+                continue
+            self._fsync_dir(task_dir)
+            return version
+        raise StoreUnavailable(f"could not allocate a version for task {task_id!r}")
+
+    def _next_version(self, task_id: str) -> int:
+        task_dir = self._tasks / task_id
+        highest = self._read_int(self._floors / task_id) or 0
+        try:
+            names = os.listdir(task_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            version = _version_of(name)
+            if version is None:
+                continue
+            if not (task_dir / name / META_FILE).exists():
+                # versions are renamed in complete, so one without meta.json is debris, never in progress
+                log.info("removing incomplete version dir %s/%s", task_id, name)
+                shutil.rmtree(task_dir / name, ignore_errors=True)
+            highest = max(highest, version)
+        return highest + 1
+
+    def set_current(self, task_id: str, version: int) -> VersionInfo:
+        validate_task_id(task_id)
+        check_version(task_id, version)
+        with self._os_errors():
+            self._read_current(task_id)  # TaskNotFound first
+            info = self._read_info(task_id, version)
+            if info is None:
+                raise VersionNotFound(f"task {task_id!r} has no version {version}")
+            self._write_current(task_id, version)
+            self._append_change(Change(task_id, "current", version))
+        return info
+
+    def delete(self, task_id: str) -> None:
+        validate_task_id(task_id)
+        task_dir = self._tasks / task_id
+        with self._os_errors():
+            self._read_current(task_id)
+            self._raise_floor(task_id, task_dir)
+            trash = self._trash / f"{task_id}.{uuid.uuid4().hex}"
+            try:
+                os.rename(task_dir, trash)  # the task disappears atomically; removal can take its time
+            except FileNotFoundError:
+                raise TaskNotFound(f"unknown task {task_id!r}") from None
+            self._fsync_dir(self._tasks)
+            self._raise_floor(task_id, trash)  # a put that landed while we were deleting
+            self._append_change(Change(task_id, "delete", None))
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _raise_floor(self, task_id: str, task_dir: Path) -> None:
+        try:
+            versions = [v for v in map(_version_of, os.listdir(task_dir)) if v is not None]
+        except FileNotFoundError:
+            return
+        floor = self._read_int(self._floors / task_id) or 0
+        if versions and max(versions) > floor:
+            self._atomic_write(self._floors / task_id, str(max(versions)).encode(), self._floors)
+
+    def _write_current(self, task_id: str, version: int) -> None:
+        task_dir = self._tasks / task_id
+        if not (task_dir / f"v{version}" / META_FILE).exists():
+            return  # deleted concurrently: the delete wins, never point CURRENT at nothing
+        try:
+            self._atomic_write(task_dir / CURRENT, str(version).encode(), task_dir)
+        except FileNotFoundError:
+            pass  # deleted concurrently, as above
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def get(self, task_id: str, version: int | None = None) -> Artifact:
+        validate_task_id(task_id)
+        with self._os_errors():
+            if version is None:
+                version = self._read_current(task_id)
+            check_version(task_id, version)
+            vdir = self._tasks / task_id / f"v{version}"
+            try:
+                meta = json.loads((vdir / META_FILE).read_bytes())
+                files = {name: (vdir / name).read_bytes() for name in meta.pop("files")}
+            except FileNotFoundError:
+                self._read_current(task_id)  # TaskNotFound if the task is gone
+                raise VersionNotFound(f"task {task_id!r} has no version {version}") from None
+        return Artifact(info=VersionInfo(task_id=task_id, version=version, **meta), files=files)
+
+    def info(self, task_id: str) -> TaskInfo:
+        validate_task_id(task_id)
+        with self._os_errors():
+            current = self._read_current(task_id)
+            try:
+                names = os.listdir(self._tasks / task_id)
+            except FileNotFoundError:
+                raise TaskNotFound(f"unknown task {task_id!r}") from None
+            numbers = sorted(v for v in map(_version_of, names) if v is not None)
+            versions = tuple(i for i in (self._read_info(task_id, v) for v in numbers) if i is not None)
+        if not any(v.version == current for v in versions):
+            raise TaskNotFound(f"unknown task {task_id!r}")  # deleted while we were reading
+        return TaskInfo(task_id=task_id, current=current, versions=versions)
+
+    def list(self, *, after: str | None = None, limit: int = 100) -> Page:
+        check_limit(limit)
+        with self._os_errors():
+            names = sorted(n for n in os.listdir(self._tasks) if TASK_ID.fullmatch(n))
+            candidates = iter(names[bisect.bisect_right(names, after) if after is not None else 0 :])
+            tasks = [s for s in self._summaries(candidates, limit)]
+            more = next(self._summaries(candidates, 1), None) is not None
+        return Page(tasks=tuple(tasks), next_after=tasks[-1].task_id if more and tasks else None)
+
+    def _summaries(self, names: Iterator[str], limit: int) -> Iterator[TaskSummary]:
+        """Summaries for the visible tasks among `names`, at most `limit`; consumes only what it needs."""
+        if limit <= 0:
+            return
+        for name in names:
+            version = self._read_int(self._tasks / name / CURRENT)
+            info = self._read_info(name, version) if version is not None else None
+            if info is None:
+                continue  # a crashed first upload or a concurrent delete: not a task
+            yield TaskSummary(task_id=name, current=info)
+            limit -= 1
+            if limit == 0:
+                return
+
+    def _read_current(self, task_id: str) -> int:
+        version = self._read_int(self._tasks / task_id / CURRENT)
+        if version is None:
+            raise TaskNotFound(f"unknown task {task_id!r}")
+        return version
+
+    def _read_info(self, task_id: str, version: int) -> VersionInfo | None:
+        try:
+            meta = json.loads((self._tasks / task_id / f"v{version}" / META_FILE).read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        meta.pop("files", None)
+        return VersionInfo(task_id=task_id, version=version, **meta)
+
+    @staticmethod
+    def _read_int(path: Path) -> int | None:
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    # --- notifications and lifecycle ---------------------------------------------------------------
+
+    def watch(self, callback: ChangeCallback, *, on_resync: Callable[[], None] | None = None) -> Watch:
+        watch = _ChangesTail(self._changes, self._poll_interval, callback, on_resync).start()
+        self._watches.append(watch)
+        return watch
+
+    def _append_change(self, change: Change) -> None:
+        # one write(2) of a short line with O_APPEND: concurrent writers never interleave within a line
+        fd = os.open(self._changes, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (change.to_json() + "\n").encode())
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > self._changes_max_bytes:
+            # watchers notice the new inode, finish the old file and call on_resync
+            self._atomic_write(self._changes, b"", self.root)
+
+    def ping(self) -> None:
+        if not self._tasks.is_dir() or not os.access(self._tasks, os.R_OK | os.W_OK | os.X_OK):
+            raise StoreUnavailable(f"disk store {self.root} is missing or not writable")
+
+    def close(self) -> None:
+        for watch in self._watches:
+            watch.close()
+        self._watches.clear()
+
+    def _sweep(self) -> None:
+        """Remove crashed uploads and half-removed deletes (best effort)."""
+        self._last_sweep = time.monotonic()
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self._tmp):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime > STALE_UPLOAD_S:
+                        log.info("removing stale upload %s", entry.path)
+                        shutil.rmtree(entry.path, ignore_errors=True)
+            for entry in os.scandir(self._trash):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    # --- file helpers ------------------------------------------------------------------------------
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        with open(path, "xb") as f:
+            f.write(data)
+            if self._durable:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _atomic_write(self, path: Path, data: bytes, directory: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        try:
+            self._write_file(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._fsync_dir(directory)
+
+    def _fsync_dir(self, path: Path) -> None:
+        if not self._durable:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        """An unexpected OSError (disk full, I/O error, root gone) means the store cannot serve now."""
+        try:
+            yield
+        except OSError as e:
+            raise StoreUnavailable(f"disk store {self.root}: {e}") from e
+
+
+class _ChangesTail(Watch):
+    """Tails the CHANGES log: a stat and a read per poll, whatever the number of tasks."""
+
+    def __init__(
+        self, path: Path, interval: float, callback: ChangeCallback, on_resync: Callable[[], None] | None
+    ) -> None:
+        super().__init__(f"taskserve-store-watch:{path.parent}", callback, on_resync)
+        self._path, self._interval = path, interval
+        self._file = None
+        self._inode: int | None = None
+        self._partial = b""
+        self._open(at_end=True)  # opened now, so changes made right after watch() returns are seen
+
+    def _open(self, *, at_end: bool) -> None:
+        try:
+            self._file = open(self._path, "rb")  # noqa: SIM115 - held open across polls
+        except FileNotFoundError:
+            self._file, self._inode = None, None
+            return
+        if at_end:
+            self._file.seek(0, os.SEEK_END)
+        self._inode = os.fstat(self._file.fileno()).st_ino
+        self._partial = b""
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self._interval):
+                self._poll()
+        finally:
+            if self._file is not None:
+                self._file.close()
+
+    def _poll(self) -> None:
+        if self._file is None:
+            self._open(at_end=False)  # the log appeared after we started: everything in it is new
+            if self._file is None:
+                return
+        self._drain()
+        try:
+            inode = os.stat(self._path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:  # rotated: the old file is drained, follow the new one from its start
+            self._file.close()
+            self._open(at_end=False)
+            if self._file is not None:
+                self._drain()
+            self._resync()
+
+    def _drain(self) -> None:
+        assert self._file is not None
+        data = self._file.read()
+        if not data:
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                change = Change.from_json(line)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed line in %s: %r", self._path, line[:200])
+                continue
+            self._deliver(change)
