@@ -112,10 +112,14 @@ class VersionInfo:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
+    def from_dict(cls, fields: Mapping[str, object], **override: object) -> VersionInfo:
+        """Ignores unknown fields, so a replica can read what a newer one wrote during a rolling upgrade."""
+        known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, **override})  # type: ignore[arg-type]
+
+    @classmethod
     def from_json(cls, data: str | bytes, **override: object) -> VersionInfo:
-        fields = json.loads(data)
-        fields.update(override)
-        return cls(**fields)
+        return cls.from_dict(json.loads(data), **override)
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,12 @@ class Watch(ABC):
     @property
     def closed(self) -> bool:
         return self._stop.is_set()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()

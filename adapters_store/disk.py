@@ -49,6 +49,7 @@ from adapters_store.base import (
     content_sha256,
     validate_task_id,
 )
+from adapters_store.changelog import ChangesTail, append_change
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class DiskStore(AdapterStore):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             self._write_current(task_id, version)
-            self._append_change(Change(task_id, "put", version))
+            self._notify(Change(task_id, "put", version))
         return VersionInfo(task_id=task_id, version=version, **meta)
 
     def _rename_in(self, task_id: str, staging: Path) -> int:
@@ -180,7 +181,7 @@ class DiskStore(AdapterStore):
             if info is None:
                 raise VersionNotFound(f"task {task_id!r} has no version {version}")
             self._write_current(task_id, version)
-            self._append_change(Change(task_id, "current", version))
+            self._notify(Change(task_id, "current", version))
         return info
 
     def delete(self, task_id: str) -> None:
@@ -196,7 +197,7 @@ class DiskStore(AdapterStore):
                 raise TaskNotFound(f"unknown task {task_id!r}") from None
             self._fsync_dir(self._tasks)
             self._raise_floor(task_id, trash)  # a put that landed while we were deleting
-            self._append_change(Change(task_id, "delete", None))
+            self._notify(Change(task_id, "delete", None))
             shutil.rmtree(trash, ignore_errors=True)
 
     def _raise_floor(self, task_id: str, task_dir: Path) -> None:
@@ -228,11 +229,11 @@ class DiskStore(AdapterStore):
             vdir = self._tasks / task_id / f"v{version}"
             try:
                 meta = json.loads((vdir / META_FILE).read_bytes())
-                files = {name: (vdir / name).read_bytes() for name in meta.pop("files")}
+                files = {name: (vdir / name).read_bytes() for name in meta["files"]}
             except FileNotFoundError:
                 self._read_current(task_id)  # TaskNotFound if the task is gone
                 raise VersionNotFound(f"task {task_id!r} has no version {version}") from None
-        return Artifact(info=VersionInfo(task_id=task_id, version=version, **meta), files=files)
+        return Artifact(info=VersionInfo.from_dict(meta, task_id=task_id, version=version), files=files)
 
     def info(self, task_id: str) -> TaskInfo:
         validate_task_id(task_id)
@@ -282,8 +283,7 @@ class DiskStore(AdapterStore):
             meta = json.loads((self._tasks / task_id / f"v{version}" / META_FILE).read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             return None
-        meta.pop("files", None)
-        return VersionInfo(task_id=task_id, version=version, **meta)
+        return VersionInfo.from_dict(meta, task_id=task_id, version=version)
 
     @staticmethod
     def _read_int(path: Path) -> int | None:
@@ -295,21 +295,12 @@ class DiskStore(AdapterStore):
     # --- notifications and lifecycle ---------------------------------------------------------------
 
     def watch(self, callback: ChangeCallback, *, on_resync: Callable[[], None] | None = None) -> Watch:
-        watch = _ChangesTail(self._changes, self._poll_interval, callback, on_resync).start()
+        watch = ChangesTail(self._changes, self._poll_interval, callback, on_resync).start()
         self._watches.append(watch)
         return watch
 
-    def _append_change(self, change: Change) -> None:
-        # one write(2) of a short line with O_APPEND: concurrent writers never interleave within a line
-        fd = os.open(self._changes, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (change.to_json() + "\n").encode())
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > self._changes_max_bytes:
-            # watchers notice the new inode, finish the old file and call on_resync
-            self._atomic_write(self._changes, b"", self.root)
+    def _notify(self, change: Change) -> None:
+        append_change(self._changes, self._changes_max_bytes, change)
 
     def ping(self) -> None:
         if not self._tasks.is_dir() or not os.access(self._tasks, os.R_OK | os.W_OK | os.X_OK):
@@ -369,69 +360,3 @@ class DiskStore(AdapterStore):
             yield
         except OSError as e:
             raise StoreUnavailable(f"disk store {self.root}: {e}") from e
-
-
-class _ChangesTail(Watch):
-    """Tails the CHANGES log: a stat and a read per poll, whatever the number of tasks."""
-
-    def __init__(
-        self, path: Path, interval: float, callback: ChangeCallback, on_resync: Callable[[], None] | None
-    ) -> None:
-        super().__init__(f"taskserve-store-watch:{path.parent}", callback, on_resync)
-        self._path, self._interval = path, interval
-        self._file = None
-        self._inode: int | None = None
-        self._partial = b""
-        self._open(at_end=True)  # opened now, so changes made right after watch() returns are seen
-
-    def _open(self, *, at_end: bool) -> None:
-        try:
-            self._file = open(self._path, "rb")  # noqa: SIM115 - held open across polls
-        except FileNotFoundError:
-            self._file, self._inode = None, None
-            return
-        if at_end:
-            self._file.seek(0, os.SEEK_END)
-        self._inode = os.fstat(self._file.fileno()).st_ino
-        self._partial = b""
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(self._interval):
-                self._poll()
-        finally:
-            if self._file is not None:
-                self._file.close()
-
-    def _poll(self) -> None:
-        if self._file is None:
-            self._open(at_end=False)  # the log appeared after we started: everything in it is new
-            if self._file is None:
-                return
-        self._drain()
-        try:
-            inode = os.stat(self._path).st_ino
-        except FileNotFoundError:
-            inode = None
-        if inode != self._inode:  # rotated: the old file is drained, follow the new one from its start
-            self._file.close()
-            self._open(at_end=False)
-            if self._file is not None:
-                self._drain()
-            self._resync()
-
-    def _drain(self) -> None:
-        assert self._file is not None
-        data = self._file.read()
-        if not data:
-            return
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                change = Change.from_json(line)
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring a malformed line in %s: %r", self._path, line[:200])
-                continue
-            self._deliver(change)

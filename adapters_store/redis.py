@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -82,23 +83,29 @@ class RedisStore(AdapterStore):
         *,
         prefix: str = "ts:",
         socket_timeout: float = 2.0,
+        upload_timeout: float = 120.0,
         health_check_interval: int = 10,
         staging_ttl_s: int = 3600,
     ) -> None:
         """Short socket timeouts and a single immediate retry: a dead Redis fails fast (503) while a
-        pooled connection broken by a Redis restart is silently replaced."""
-        self.url = url
+        pooled connection broken by a Redis restart is silently replaced.
+
+        Uploads go through a second pool with a long socket timeout: Python bounds a whole sendall()
+        by the timeout, and one file of a large adapter is sent as one sendall(). Its connect timeout
+        stays short, so a dead Redis still fails fast.
+        """
+        self.url = re.sub(r"//[^@/]*@", "//***@", url)  # never log a password
         self._prefix = prefix
         self._channel = f"{prefix}changes"
         self._staging_ttl_s = staging_ttl_s
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            health_check_interval=health_check_interval,
-            retry=Retry(NoBackoff(), retries=1),
-            client_name="taskserve-store",
-        )
+        common = {
+            "socket_connect_timeout": socket_timeout,
+            "health_check_interval": health_check_interval,
+            "retry": Retry(NoBackoff(), retries=1),
+            "client_name": "taskserve-store",
+        }
+        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout, **common)
+        self._uploads = redis.Redis.from_url(url, socket_timeout=max(socket_timeout, upload_timeout), **common)
         self._commit = self._client.register_script(_COMMIT)
         self._set_current = self._client.register_script(_SET_CURRENT)
         self._watches: list[Watch] = []
@@ -146,7 +153,7 @@ class RedisStore(AdapterStore):
                 description=description,
             )
             files_key, meta_key = self._version_keys(task_id, version)
-            stage = self._client.pipeline(transaction=True)
+            stage = self._uploads.pipeline(transaction=True)
             stage.hset(files_key, mapping={name: bytes(data) for name, data in files.items()})
             stage.expire(files_key, self._staging_ttl_s)
             stage.set(meta_key, info.to_json(), ex=self._staging_ttl_s)
@@ -265,13 +272,14 @@ class RedisStore(AdapterStore):
             watch.close()
         self._watches.clear()
         self._client.close()
+        self._uploads.close()
 
     @contextlib.contextmanager
     def _unavailable(self) -> Iterator[None]:
         try:
             yield
         except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"redis store {self._client.connection_pool!r} is unavailable: {e}") from e
+            raise StoreUnavailable(f"redis store {self.url} is unavailable: {e}") from e
 
 
 class _PubSubWatch(Watch):

@@ -37,7 +37,10 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, astuple, dataclass
+from functools import partial
+from typing import Any
 
 import peft
 import torch
@@ -143,13 +146,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, run: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of `run()` (device work included) and its result."""
+    sync(device)
+    start = time.perf_counter()
+    result = run()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
 # --- the engine --------------------------------------------------------------------------------------
 
 
-def run_engine(engine: Engine, prompts, task_ids: list[str], lengths: list[int]) -> tuple[float, list[list[int]]]:
-    """Submit every request at once and step to idle on this thread: wall seconds (submission included), outputs."""
-    sync(engine.backbone.device)
-    start = time.perf_counter()
+def run_engine(engine: Engine, prompts, task_ids: list[str], lengths: list[int]) -> list[list[int]]:
+    """Submit every request at once and step to idle on this thread; returns the outputs."""
     generations = [
         engine.submit(
             GenerationRequest(tuple(p), SamplingParams(max_new_tokens=m, ignore_eos=True), task_id=t),
@@ -158,15 +168,14 @@ def run_engine(engine: Engine, prompts, task_ids: list[str], lengths: list[int])
         for p, t, m in zip(prompts, task_ids, lengths)
     ]
     engine.run_until_idle()
-    sync(engine.backbone.device)
-    elapsed = time.perf_counter() - start
     assert [len(g.output_ids) for g in generations] == lengths, "a row stopped short"
-    return elapsed, [g.output_ids for g in generations]
+    return [g.output_ids for g in generations]
 
 
 def engine_tok_s(engine: Engine, prompts, task_ids, lengths) -> tuple[float, list[list[int]]]:
+    """Tokens/s with submission included, and the outputs."""
     run_engine(engine, prompts, task_ids, [min(4, m) for m in lengths])  # warm-up: same shapes, few steps
-    elapsed, outputs = run_engine(engine, prompts, task_ids, lengths)
+    elapsed, outputs = timed(engine.backbone.device, lambda: run_engine(engine, prompts, task_ids, lengths))
     return sum(lengths) / elapsed, outputs
 
 
@@ -201,7 +210,9 @@ def _fix_prompt_learning_generate(model: PeftModel) -> None:
     model.base_model_prepare_inputs_for_generation = prepare
 
 
-def peft_generate(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+def peft_generate(model: PeftModel, ids, mask, new_tokens: int, task: Task | None = None, **kwargs) -> torch.Tensor:
+    if task is not None:
+        model.set_adapter(task.task_id)  # timed: switching adapters is part of PEFT's per-request cost
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -214,7 +225,7 @@ def peft_generate(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, new_t
     return out[:, ids.shape[1] :]
 
 
-def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference: list[list[int]]) -> tuple[float, str]:
+def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference) -> tuple[float, str]:
     """(c): tokens/s of one-request-at-a-time PEFT, from `sample` requests spread over the load, and agreement.
 
     Per-request time does not depend on N here (nothing is shared between requests), so tokens/s over the
@@ -228,19 +239,14 @@ def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference: 
     elapsed, agree, eos = 0.0, 0, plain.config.eos_token_id
     for rows in by_type.values():
         model = load_peft(plain, [tasks[i] for i in rows])
-        warm = torch.tensor([prompts[rows[0]]], device=device)
-        model.set_adapter(tasks[rows[0]].task_id)
-        peft_generate(model, warm, torch.ones_like(warm), 2)  # warm-up
-        for i in rows:
+        for k, i in enumerate(rows):
             ids = torch.tensor([prompts[i]], device=device)
-            sync(device)
-            start = time.perf_counter()
-            model.set_adapter(tasks[i].task_id)
-            out = peft_generate(model, ids, torch.ones_like(ids), new_tokens)
-            sync(device)
-            elapsed += time.perf_counter() - start
+            if k == 0:
+                peft_generate(model, ids, torch.ones_like(ids), 2, task=tasks[i])  # warm-up
+            run = partial(peft_generate, model, ids, torch.ones_like(ids), new_tokens, task=tasks[i])
+            seconds, out = timed(device, run)
+            elapsed += seconds
             agree += _agrees(out[0].tolist(), reference[i], eos)
-        del model
     return len(picks) * new_tokens / elapsed, f"{agree}/{len(picks)}"
 
 
@@ -271,15 +277,14 @@ def peft_mixed(plain, tasks: list[Task], prompts, lengths: list[int], batch_size
     chunks = [range(s, min(s + batch_size, len(tasks))) for s in range(0, len(tasks), batch_size)]
     ids, mask = left_pad([prompts[i] for i in chunks[0]], pad, device)
     peft_generate(model, ids, mask, 2, adapter_names=[tasks[i].task_id for i in chunks[0]])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for chunk in chunks:
-        ids, mask = left_pad([prompts[i] for i in chunk], pad, device)
-        names = [tasks[i].task_id for i in chunk]
-        peft_generate(model, ids, mask, max(lengths[i] for i in chunk), adapter_names=names)
-    sync(device)
-    elapsed = time.perf_counter() - start
-    del model
+
+    def run() -> None:
+        for chunk in chunks:
+            ids, mask = left_pad([prompts[i] for i in chunk], pad, device)
+            names = [tasks[i].task_id for i in chunk]
+            peft_generate(model, ids, mask, max(lengths[i] for i in chunk), adapter_names=names)
+
+    elapsed, _ = timed(device, run)
     return sum(lengths) / elapsed
 
 
@@ -295,7 +300,7 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
     run_engine(engine, prompts, task_ids, lengths)  # warm-up at full length
     steps = engine.steps
     with profile(activities=activities) as prof:
-        wall, _ = run_engine(engine, prompts, task_ids, lengths)
+        wall, _ = timed(engine.backbone.device, lambda: run_engine(engine, prompts, task_ids, lengths))
     steps = engine.steps - steps
     averages = prof.key_averages()
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -356,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-batch", type=int, default=64, help="engine max_batch_size = PEFT's static batch in (d)")
     p.add_argument("--peft-sample", type=int, default=8, help="requests timed for (c)")
+    p.add_argument("--repeats", type=int, default=1, help="measure all paths in turn this many times, keep each best")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--profile", action="store_true", help="only run (a) at the largest size under torch.profiler")
     args = p.parse_args(argv)
@@ -386,7 +392,12 @@ def main(argv: list[str] | None = None) -> None:
             lengths = [args.new_tokens] * n_max
             profile_engine(engine, prompts, [t.task_id for t in mixed], lengths)
             return
-        rows = [measure(engine, plain, mixed[:n], lora[:n], prompts[:n], args) for n in args.sizes]
+        rows = []
+        for n in args.sizes:
+            # Repeats go round all paths in turn, so a burst of load elsewhere on a shared machine hits one pass of
+            # every path rather than every repeat of one path; the fastest pass of each path is the least disturbed.
+            passes = [measure(engine, plain, mixed[:n], lora[:n], prompts[:n], args) for _ in range(args.repeats)]
+            rows.append(Row(*(max(v) if isinstance(v[0], float) else v[0] for v in zip(*map(astuple, passes)))))
     info = machine_info(backbone.device)
     print_report(info, rows, args)
     if args.json:

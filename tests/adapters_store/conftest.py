@@ -33,7 +33,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None, "already running"
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
