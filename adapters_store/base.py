@@ -315,11 +315,15 @@ def open_store(url: str) -> AdapterStore:
         if not path:
             raise ValueError("file:// store URL needs a path, e.g. file:///var/lib/taskserve or file://data/store")
         return DiskStore(path)
+    if url == "memory://":
+        from adapters_store.memory import MemoryStore
+
+        return MemoryStore()
     if url.startswith(("redis://", "rediss://", "unix://")):
         from adapters_store.redis import RedisStore
 
         return RedisStore(url)
     raise ValueError(
         f"unsupported store URL {url!r}: use file://PATH (relative or absolute) or redis://HOST:PORT/DB "
-        "(also rediss:// and unix://)"
+        "(also rediss:// and unix://), or memory:// for one process"
     )

@@ -30,6 +30,20 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def prefix_kv(self, token_ids: tuple[int, ...]) -> torch.Tensor:
+        """The KV of `token_ids` at positions 0..n-1, base model: [layers, 2, kv_heads, n, head_dim]."""
+        n = len(token_ids)
+        cache = self.empty_cache(batch=1, capacity=n)
+        self.forward(
+            input_ids=torch.tensor([token_ids], device=self.device),
+            position_ids=torch.arange(n, device=self.device)[None],
+            attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+            cache=cache,
+            adapters=None,
+        )
+        return torch.stack([torch.stack([layer.keys[0, :, :n], layer.values[0, :, :n]]) for layer in cache.layers])
+
+    @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [batch, seq] -> input embeddings [batch, seq, hidden], as the model would look them up."""
         return self.backbone.embedding(ids)

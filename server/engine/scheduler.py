@@ -32,7 +32,7 @@ from server.engine.request import (
     QueueFull,
     TokenDelta,
 )
-from server.engine.residency import Residency
+from server.engine.residency import Lease, Residency
 from server.engine.runner import ModelRunner
 from server.engine.sampling import make_generator, sample
 
@@ -44,9 +44,10 @@ Sink = Callable[[TokenDelta], None]
 class Generation:
     """One request's live state: the row a Batch holds. Touched by the engine thread, except `cancel`."""
 
-    def __init__(self, request: GenerationRequest, adapter: LoadedAdapter | None, sink: Sink, backbone: Backbone):
+    def __init__(self, request: GenerationRequest, lease: Lease, sink: Sink, backbone: Backbone):
         self.request = request
-        self.adapter = adapter
+        self.lease = lease  # pins the task version on the device until this row ends
+        self.adapter: LoadedAdapter | None = lease.adapter
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.sink = sink
@@ -81,8 +82,9 @@ class Generation:
             reason = "stop"
         elif self.remaining <= 0:
             reason = "length"
-        if reason and self.detokenizer is not None:
-            text += self.detokenizer.finish()
+        if reason:
+            text += self.detokenizer.finish() if self.detokenizer is not None else ""
+            self.lease.release()
         return self._delta([token], text, reason)
 
     def _delta(self, token_ids: list[int], text: str, reason: str | None, error: str | None = None) -> TokenDelta:
@@ -98,6 +100,7 @@ class Generation:
 
     def end(self, reason: str, error: str | None = None) -> None:
         """Close the stream without a token (cancelled, or a fault in the step)."""
+        self.lease.release()
         self.sink(self._delta([], "", reason, error))
 
 
@@ -208,18 +211,26 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> Generation:
-        """Queue a request; bad input or a full queue raise here and leave the running batch alone."""
+    def submit(self, request: GenerationRequest, sink: Sink, lease: Lease | None = None) -> Generation:
+        """Queue a request; bad input or a full queue raise here and leave the running batch alone.
+
+        `lease` pins the task's adapter (see `Residency.acquire_async`); without one, the adapter is
+        acquired here, which waits for a load: fine off the event loop, as in tests and tools.
+        """
         if self._stopping.is_set():
             raise EngineStopped("the engine has stopped")
-        adapter = self.residency.get(request.task_id)
-        generation = Generation(request, adapter, sink, self.backbone)
-        self._validate(generation)
-        self.scheduler.add(generation)
+        lease = lease or self.residency.acquire(request.task_id)
+        generation = Generation(request, lease, sink, self.backbone)
+        try:
+            self._validate(generation)
+            self.scheduler.add(generation)
+        except BaseException:
+            lease.release()
+            raise
         self._wakeup.set()
         return generation
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerationRequest, lease: Lease | None = None) -> AsyncIterator[TokenDelta]:
         """Submit now (bad input and a full queue raise here), then stream the deltas in asyncio.
 
         Leaving the iteration early, or the task being cancelled, cancels the row.
@@ -233,7 +244,7 @@ class Engine:
             except RuntimeError:  # the event loop is gone: nobody reads this row any more
                 generation.cancel()
 
-        generation = self.submit(request, sink)
+        generation = self.submit(request, sink, lease)
         stream = _stream(deltas, generation)
         weakref.finalize(stream, generation.cancel)  # a stream dropped before its first read never runs its finally
         return stream
@@ -304,6 +315,7 @@ class Engine:
         plan = self.scheduler.schedule(self.running)
         if plan.prefill:
             self._in_flight = plan.prefill
+            self._prefill_templates(plan.prefill)
             batch, logits = Batch.prefill(plan.prefill, self.runner)
         elif plan.decode:
             self._in_flight = self.running.rows
@@ -316,6 +328,13 @@ class Engine:
         self.running = Batch.concatenate(parts) if parts else None
         self._in_flight = []
         self.steps += 1
+
+    def _prefill_templates(self, generations: list[Generation]) -> None:
+        """A template task's leading tokens are prefilled once, here on the engine thread, and reused."""
+        for generation in generations:
+            adapter = generation.adapter
+            if adapter is not None and adapter.needs_template_kv:
+                adapter.prefix_kv = self.runner.prefix_kv(adapter.template_ids)
 
     def _update(self, batch: Batch, logits: torch.Tensor) -> list[int]:
         """Sample, stream each row's delta, and return the rows that go on."""

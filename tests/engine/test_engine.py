@@ -238,8 +238,8 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
     generations: dict[str, Generation] = {}
     submit, forward = engine.submit, engine.runner.forward
 
-    def spy_submit(request, sink):
-        generations[request.request_id] = submit(request, sink)
+    def spy_submit(request, sink, lease=None):
+        generations[request.request_id] = submit(request, sink, lease)
         return generations[request.request_id]
 
     def slow_forward(**kwargs):
@@ -392,7 +392,13 @@ async def test_dropping_an_unread_stream_cancels_the_row(make_engine):
     engine = make_engine()
     generations: list[Generation] = []
     submit = engine.submit
-    engine.submit = lambda request, sink: generations.append(submit(request, sink)) or generations[-1]
+    def spy_submit(request, sink, lease=None):
+        generations.append(submit(request, sink, lease))
+        return generations[-1]
+
+    engine.submit = spy_submit
+        generations.append(submit(request, sink, lease)) or generations[-1]
+    )
     engine.start()
     stream = engine.generate(req(P0, max_new_tokens=400, ignore_eos=True))
     del stream  # e.g. the HTTP client went away before the first chunk

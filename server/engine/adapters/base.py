@@ -49,6 +49,13 @@ class LoadedAdapter:
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, virtual_tokens, head_dim]
     lora: dict[str, LoraModule] = field(default_factory=dict)  # by module name
     ia3: dict[str, Ia3Module] = field(default_factory=dict)  # by module name
+    # template tasks: the fixed leading tokens, whose KV the engine computes once into `prefix_kv`
+    template: Any = None  # adapters_store.format.Template: how a request's input is rendered
+    template_ids: tuple[int, ...] = ()
+
+    @property
+    def needs_template_kv(self) -> bool:
+        return bool(self.template_ids) and self.prefix_kv is None
 
     @property
     def soft_len(self) -> int:
@@ -56,7 +63,7 @@ class LoadedAdapter:
 
     @property
     def prefix_len(self) -> int:
-        return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
+        return len(self.template_ids) if self.prefix_kv is None else self.prefix_kv.shape[3]
 
     @property
     def nbytes(self) -> int:
