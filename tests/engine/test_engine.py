@@ -392,13 +392,12 @@ async def test_dropping_an_unread_stream_cancels_the_row(make_engine):
     engine = make_engine()
     generations: list[Generation] = []
     submit = engine.submit
+
     def spy_submit(request, sink, lease=None):
         generations.append(submit(request, sink, lease))
         return generations[-1]
 
     engine.submit = spy_submit
-        generations.append(submit(request, sink, lease)) or generations[-1]
-    )
     engine.start()
     stream = engine.generate(req(P0, max_new_tokens=400, ignore_eos=True))
     del stream  # e.g. the HTTP client went away before the first chunk
