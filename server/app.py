@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store import open_store
 from server.api import errors, generate, health, tasks
 from server.config import Settings
 from server.engine.backbone import Backbone
+from server.engine.residency import Residency
 from server.engine.scheduler import Engine
 
 log = logging.getLogger("taskserve")
@@ -26,14 +28,20 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         loaded = backbone or await run_in_threadpool(
             Backbone.load, settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache
         )
-        engine = Engine(loaded, settings).start()
+        store = open_store(settings.store)
+        residency = Residency(
+            loaded, store, device_bytes=settings.device_adapter_bytes, host_bytes=settings.host_adapter_bytes
+        )
+        engine = Engine(loaded, settings, residency).start()
         app.state.engine = engine
-        log.info("serving %s on %s (%s)", loaded.name, loaded.device, loaded.dtype)
+        log.info("serving %s on %s (%s), tasks in %s", loaded.name, loaded.device, loaded.dtype, settings.store)
         try:
             yield
         finally:
             app.state.engine = None
             engine.stop()
+            residency.close()
+            store.close()
 
     app = FastAPI(title="taskserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

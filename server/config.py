@@ -45,6 +45,13 @@ class Settings(EngineSettings):
     """auto: bfloat16 on CUDA, float32 on CPU."""
     model_cache: Path = Field(default_factory=default_cache_dir)
     """Where the default GGUF model is converted to safetensors, once."""
+    store: str = "file://data/store"
+    """Where task versions are kept: file://PATH (embedded, the default), redis://HOST:PORT/DB (shared by replicas),
+    or memory:// (this process only)."""
+    device_adapter_bytes: int = Field(default=1 << 30, ge=1)
+    """Adapter bytes kept on the device; least recently used tasks not in use are evicted past it."""
+    host_adapter_bytes: int = Field(default=4 << 30, ge=0)
+    """Uploaded files kept in host RAM so a reload after eviction skips the store."""
     host: str = "127.0.0.1"
     """Address the HTTP server binds."""
     port: int = Field(default=8000, ge=0, le=65535)

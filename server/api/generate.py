@@ -9,6 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from server.api.deps import EngineDep
 from server.api.schemas import ErrorBody, GenerateRequest, GenerateResponse, StreamDelta, StreamEnd, Usage
+from server.engine.adapters import LoadedAdapter
+from server.engine.adapters.template import render_ids
 from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine
@@ -21,8 +23,14 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 429, 503)}
 @router.post("/{task_id}/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(task_id: str, body: GenerateRequest, engine: EngineDep):
     """Generate with one task; `base` is the frozen backbone alone. With `stream`, server-sent events."""
-    request = GenerationRequest(prompt_ids=_encode(engine, body), sampling=_sampling(body), task_id=task_id)
-    deltas = engine.generate(request)
+    sampling = _sampling(body)
+    lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+    try:
+        prompt_ids = _encode(engine, body, lease.adapter)
+        deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+    except BaseException:
+        lease.release()
+        raise
     if body.stream:
         return StreamingResponse(_events(task_id, deltas), media_type="text/event-stream")
     text, token_ids = [], []
@@ -40,8 +48,12 @@ async def generate(task_id: str, body: GenerateRequest, engine: EngineDep):
     )
 
 
-def _encode(engine: Engine, body: GenerateRequest) -> tuple[int, ...]:
+def _encode(engine: Engine, body: GenerateRequest, adapter: LoadedAdapter | None) -> tuple[int, ...]:
     tokenizer = engine.backbone.tokenizer
+    if adapter is not None and adapter.template is not None:
+        if body.prompt is None:
+            raise InvalidRequest("template tasks take 'prompt': the input the template wraps")
+        return render_ids(adapter, body.prompt, tokenizer)
     if body.messages is not None:
         messages = [m.model_dump() for m in body.messages]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

@@ -63,16 +63,43 @@ class StreamEnd(BaseModel):
     usage: Usage
 
 
-class TaskPublic(BaseModel):
+class VersionPublic(BaseModel):
     task_id: str
     version: int
     kind: str
     parameters: int
     bytes: int
+    sha256: str
+    created_at: float
+    description: str | None = None
+
+
+class TaskPublic(BaseModel):
+    task_id: str
+    version: int = Field(description="the current version")
+    kind: str
+    parameters: int
+    bytes: int
+    resident: bool = Field(description="the current version is loaded on the device")
+    versions: list[VersionPublic]
 
 
 class TaskList(BaseModel):
-    tasks: list[TaskPublic]
+    tasks: list[VersionPublic] = Field(description="each task's current version")
+    next_after: str | None = Field(description="pass as ?after= for the next page; null on the last page")
+
+
+class TemplateUpload(BaseModel):
+    """A template task: an instruction and few-shot examples around the user's input."""
+
+    template: dict = Field(
+        description="system, instruction, examples [{input, output}], input_prefix, input_suffix, chat"
+    )
+    description: str | None = None
+
+
+class Rollback(BaseModel):
+    version: int = Field(ge=1)
 
 
 class ErrorDetail(BaseModel):

@@ -1,72 +1,113 @@
-"""Tasks: upload a PEFT adapter as a new version, list, inspect, delete."""
+"""Tasks: upload a version (PEFT files, an archive, or a template), list, inspect, roll back, delete."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store import VersionInfo
+from adapters_store.format import TEMPLATE_FILE, read_upload
 from server.api.deps import EngineDep, SettingsDep
 from server.api.errors import PayloadTooLarge
-from server.api.schemas import ErrorBody, TaskList, TaskPublic
-from server.engine.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_files
-from server.engine.request import UnknownTask
+from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
+from server.engine.scheduler import Engine
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
+ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
 
-def _public(task_id: str, adapter: LoadedAdapter) -> TaskPublic:
-    version = int(adapter.key.rsplit("@", 1)[1])
-    return TaskPublic(
-        task_id=task_id, version=version, kind=adapter.kind, parameters=adapter.parameters, bytes=adapter.nbytes
+
+def _version(info: VersionInfo) -> VersionPublic:
+    return VersionPublic(
+        task_id=info.task_id,
+        version=info.version,
+        kind=info.kind,
+        parameters=info.parameters,
+        bytes=info.bytes,
+        sha256=info.sha256,
+        created_at=info.created_at,
+        description=info.description,
     )
 
 
-@router.post(
-    "/{task_id}/versions",
-    status_code=201,
-    response_model=TaskPublic,
-    responses={code: {"model": ErrorBody} for code in (400, 413, 422)},
-)
-async def upload(task_id: str, files: Annotated[list[UploadFile], File()], engine: EngineDep, settings: SettingsDep):
-    """Upload a PEFT `save_pretrained` directory's files as the task's new current version."""
-    contents: dict[str, bytes] = {}
-    total = 0
-    for upload in files:
-        data = await upload.read(settings.max_upload_bytes - total + 1)
-        total += len(data)
-        if total > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload exceeds the limit of {settings.max_upload_bytes} bytes")
-        contents[(upload.filename or "").rsplit("/", 1)[-1]] = data
-    if "adapter_model.bin" in contents and WEIGHTS_FILE not in contents:
-        raise AdapterError("adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True")
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in contents]
-    if missing:
-        raise AdapterError(
-            f"the upload lacks {', '.join(missing)} (send the files of a PEFT save_pretrained directory)"
-        )
-    config, tensors = load_peft_files(contents[CONFIG_FILE], contents[WEIGHTS_FILE])
-    adapter = await run_in_threadpool(engine.residency.register, task_id, config, tensors)
-    return _public(task_id, adapter)
+@router.post("/{task_id}/versions", status_code=201, response_model=VersionPublic, responses=ERRORS)
+async def upload(
+    task_id: str,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    files: Annotated[list[UploadFile] | None, File(description="the files of a PEFT save_pretrained directory")] = None,
+    archive: Annotated[UploadFile | None, File(description="one .tar.gz or .zip of such a directory")] = None,
+    description: Annotated[str | None, Form()] = None,
+):
+    """Upload a new version (multipart `files` or `archive`, or a JSON template); it becomes current."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = TemplateUpload.model_validate(await _json(request, settings.max_upload_bytes))
+        contents = {TEMPLATE_FILE: json.dumps(body.template).encode()}
+        description = body.description
+    else:
+        parts = {f.filename or f"file{i}": await _read(f, settings.max_upload_bytes) for i, f in enumerate(files or [])}
+        blob = await _read(archive, settings.max_upload_bytes) if archive is not None else None
+        contents = read_upload(parts or None, blob, max_bytes=settings.max_upload_bytes)
+    info = await run_in_threadpool(engine.residency.upload, task_id, contents, description)
+    return _version(info)
 
 
-@router.get("", response_model=TaskList)
-async def list_tasks(engine: EngineDep):
-    """All tasks with their current version."""
-    return TaskList(tasks=[_public(task_id, a) for task_id, a in engine.residency.current().items()])
+async def _read(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{upload.filename!r} exceeds the upload limit of {limit} bytes")
+    return data
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses={404: {"model": ErrorBody}})
+async def _json(request: Request, limit: int) -> object:
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body exceeds the upload limit of {limit} bytes")
+    return json.loads(body)
+
+
+@router.get("", response_model=TaskList, responses=ERRORS)
+async def list_tasks(
+    engine: EngineDep,
+    after: Annotated[str | None, Query(description="the last task id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+):
+    """Tasks in id order, a page at a time, each with its current version."""
+    page = await run_in_threadpool(engine.residency.store.list, after=after, limit=limit)
+    return TaskList(tasks=[_version(t.current) for t in page.tasks], next_after=page.next_after)
+
+
+@router.get("/{task_id}", response_model=TaskPublic, responses=ERRORS)
 async def task_info(task_id: str, engine: EngineDep):
-    """One task's current version, kind and size."""
-    adapter = engine.residency.current().get(task_id)
-    if adapter is None:
-        raise UnknownTask(f"unknown task {task_id!r}")
-    return _public(task_id, adapter)
+    """One task: its current version, every version, and whether the current one is on the device."""
+    return await run_in_threadpool(_task_public, engine, task_id)
 
 
-@router.delete("/{task_id}", status_code=204, responses={404: {"model": ErrorBody}})
+def _task_public(engine: Engine, task_id: str) -> TaskPublic:
+    info = engine.residency.store.info(task_id)
+    current = info.current_info
+    return TaskPublic(
+        task_id=task_id,
+        version=current.version,
+        kind=current.kind,
+        parameters=current.parameters,
+        bytes=current.bytes,
+        resident=engine.residency.is_resident(task_id, current.version),
+        versions=[_version(v) for v in info.versions],
+    )
+
+
+@router.post("/{task_id}/rollback", response_model=VersionPublic, responses=ERRORS)
+async def rollback(task_id: str, body: Rollback, engine: EngineDep):
+    """Make an earlier (or later) version current again."""
+    return _version(await run_in_threadpool(engine.residency.rollback, task_id, body.version))
+
+
+@router.delete("/{task_id}", status_code=204, responses=ERRORS)
 async def delete_task(task_id: str, engine: EngineDep) -> None:
-    """Delete a task; rows already running on it finish first."""
-    engine.residency.remove(task_id)
+    """Delete a task and all its versions; rows already running on it finish first."""
+    await run_in_threadpool(engine.residency.delete, task_id)

@@ -18,7 +18,8 @@ from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
 @pytest.fixture(scope="module")
 def client():
     backbone = Backbone.load(DEFAULT_MODEL, device="cpu")
-    with TestClient(create_app(Settings(max_upload_bytes=8_000_000), backbone=backbone)) as client:
+    settings = Settings(max_upload_bytes=8_000_000, store="memory://")
+    with TestClient(create_app(settings, backbone=backbone)) as client:
         yield client
 
 
