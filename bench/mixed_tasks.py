@@ -59,7 +59,6 @@ from server.engine.scheduler import Engine
 
 TARGETS = {"a/b": 0.90, "a/c": 10.0, "lora engine/peft": 1.5}  # held at N=32
 SENTENCES = [
-    "The committee met on Tuesday to review the budget for the coming year.",
     "Please summarise the following customer review in one short sentence.",
     "Photosynthesis converts light energy into chemical energy stored in glucose.",
     "My flight was delayed by three hours, and nobody at the gate could explain why.",
@@ -69,11 +68,8 @@ SENTENCES = [
     "Interest rates rose again, and analysts expect house prices to fall slightly.",
     "She planted tomatoes, basil and peppers in the small garden behind the kitchen.",
     "Explain, step by step, how a hash table resolves collisions with open addressing.",
-    "The museum will close early on Friday because of the city marathon.",
     "Classify the sentiment of this tweet as positive, negative or neutral.",
-    "After the storm, volunteers cleared fallen branches from the park paths.",
     "A good cover letter is short, specific, and tailored to the job description.",
-    "The recipe calls for two cups of flour, a pinch of salt and warm water.",
     "Which of these three laptops offers the best battery life for the price?",
 ]
 console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
@@ -141,17 +137,13 @@ def varied_lengths(n: int, new_tokens: int, seed: int = 1) -> list[int]:
     return [rng.randint(max(1, new_tokens // 4), new_tokens) for _ in range(n)]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device: torch.device, run: Callable[[], Any]) -> tuple[float, Any]:
     """Wall seconds of `run()` (device work included) and its result."""
-    sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     result = run()
-    sync(device)
+    sync()
     return time.perf_counter() - start, result
 
 
@@ -213,15 +205,9 @@ def _fix_prompt_learning_generate(model: PeftModel) -> None:
 def peft_generate(model: PeftModel, ids, mask, new_tokens: int, task: Task | None = None, **kwargs) -> torch.Tensor:
     if task is not None:
         model.set_adapter(task.task_id)  # timed: switching adapters is part of PEFT's per-request cost
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=model.config.pad_token_id or 0,
-        **kwargs,
-    )
+    lengths = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}  # min: PEFT must not stop at EOS
+    pad = model.config.pad_token_id or 0
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **lengths, **kwargs)
     return out[:, ids.shape[1] :]
 
 
@@ -303,7 +289,7 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
         wall, _ = timed(engine.backbone.device, lambda: run_engine(engine, prompts, task_ids, lengths))
     steps = engine.steps - steps
     averages = prof.key_averages()
-    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(averages.table(sort_by=sort_by, row_limit=25))  # plain: rich would re-wrap the profiler's table
     op_seconds = sum(e.self_cpu_time_total for e in averages) / 1e6
     console.print(

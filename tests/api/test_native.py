@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,51 @@ def test_delete_task(client, lora_dir):
     assert client.delete("/v1/tasks/short-lived").status_code == 204
     assert generate(client, "short-lived", prompt="x").status_code == 404
     assert client.delete("/v1/tasks/short-lived").status_code == 404
+
+
+def test_archive_upload_rollback_and_task_info(client, lora_dir):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(lora_dir / name, arcname=f"my-adapter/{name}")
+    created = client.post("/v1/tasks/archived/versions", files={"archive": ("a.tar.gz", buffer.getvalue())})
+    assert created.status_code == 201, created.text
+    assert upload(client, "archived", peft_files(lora_dir)).json()["version"] == 2
+    info = client.get("/v1/tasks/archived").json()
+    assert info["version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
+    assert info["resident"] is True  # the uploading replica keeps what it just validated
+    assert client.post("/v1/tasks/archived/rollback", json={"version": 1}).json()["version"] == 1
+    assert generate(client, "archived", prompt="Hi").json()["version"] == 1
+    missing = client.post("/v1/tasks/archived/rollback", json={"version": 9})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "unknown_version"
+
+
+def test_list_pages_through_tasks_in_order(client, lora_dir):
+    for name in ("page-a", "page-b", "page-c"):
+        assert upload(client, name, peft_files(lora_dir)).status_code == 201
+    first = client.get("/v1/tasks", params={"after": "page-", "limit": 2}).json()
+    assert [t["task_id"] for t in first["tasks"]] == ["page-a", "page-b"]
+    second = client.get("/v1/tasks", params={"after": first["next_after"], "limit": 2}).json()
+    assert second["tasks"][0]["task_id"] == "page-c"
+
+
+def test_template_task_wraps_the_prompt(client):
+    template = {
+        "instruction": "Answer with the capital city only.",
+        "examples": [{"input": "Germany", "output": "Berlin"}, {"input": "Italy", "output": "Rome"}],
+        "input_prefix": "Country: ",
+        "input_suffix": "\nCapital:",
+    }
+    created = client.post("/v1/tasks/capitals/versions", json={"template": template})
+    assert created.status_code == 201, created.text
+    assert created.json()["kind"] == "template" and created.json()["parameters"] == 0
+    answer = generate(client, "capitals", prompt="France", max_new_tokens=3).json()
+    assert "Paris" in answer["text"]
+    bad = client.post("/v1/tasks/bad-template/versions", json={"template": {"examples": [{"input": 1}]}})
+    assert bad.status_code == 422 and "template.json" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("task_id", ["base", "-leading-dash", "x" * 200, "sp ace"])
+def test_invalid_task_ids_are_refused(client, lora_dir, task_id):
+    response = upload(client, task_id, peft_files(lora_dir))
+    assert response.status_code in (400, 404), response.text

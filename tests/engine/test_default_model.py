@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from peft_reference import make_adapter, peft_greedy
 from transformers import AutoModelForCausalLM
 
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
+from server.engine.adapters.template import render_ids
 from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -67,3 +70,28 @@ def test_mixed_batch_on_default_model_matches_peft(backbone, setup):
     for job, generation in generations.items():
         assert generation.output_ids == expected[job], job
     engine.stop()
+
+
+def test_template_task_equals_its_text_inline(backbone):
+    """The cached KV of a template's leading tokens gives the tokens the same text would give inline."""
+    template = {
+        "system": "You convert countries to capitals.",
+        "examples": [{"input": "Germany", "output": "Berlin"}, {"input": "Italy", "output": "Rome"}],
+        "input_prefix": "Country: ",
+        "input_suffix": "\nCapital:",
+    }
+    engine = Engine(backbone, EngineSettings())
+    engine.residency.upload("capitals", {"template.json": json.dumps(template).encode()})
+    adapter = engine.residency.get("capitals")
+    sampling = SamplingParams(max_new_tokens=6)
+    rows = []
+    for country in ("France", "Spain", "Japan"):
+        rest = render_ids(adapter, country, backbone.tokenizer)
+        templated = engine.submit(GenerationRequest(rest, sampling, task_id="capitals"), sink=lambda d: None)
+        inline = engine.submit(GenerationRequest(adapter.template_ids + rest, sampling), sink=lambda d: None)
+        rows.append((templated, inline))
+    engine.run_until_idle()
+    assert adapter.prefix_kv is not None and adapter.prefix_len == len(adapter.template_ids)
+    for templated, inline in rows:
+        assert templated.output_ids == inline.output_ids
+    assert "Paris" in backbone.tokenizer.decode(rows[0][0].output_ids)

@@ -1,15 +1,11 @@
-"""A private redis-server for the store tests (never the one that may run on 6379)."""
+"""A private redis-server for tests (never the one that may run on 6379)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 
 def _free_port() -> int:
@@ -21,8 +17,9 @@ def _free_port() -> int:
 class RedisServer:
     """A throwaway redis-server subprocess that a test can stop and start again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         self.workdir = workdir
+        self.persistent = persistent  # append-only file: data survives a restart, as in production
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -32,7 +29,8 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None, "already running"
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -67,18 +65,3 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
