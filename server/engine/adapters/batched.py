@@ -21,13 +21,16 @@ from server.engine.adapters.base import LoadedAdapter
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """The LoRA rows of one linear layer in one batch composition."""
+    """The LoRA rows of one linear layer in one batch composition.
+
+    Each row's A and B are gathered, transposed and zero-padded to the batch's largest rank once
+    per composition, so a step is two batched matmuls with no gather of weights.
+    """
 
     rows: torch.Tensor  # [n] long: batch rows with a LoRA on this layer
-    slots: torch.Tensor  # [n] long: each row's adapter in the stacks below
-    a: torch.Tensor  # [adapters, max_rank, in] fp32, zero-padded ranks
-    b: torch.Tensor  # [adapters, out, max_rank] fp32, zero-padded ranks
-    scaling: torch.Tensor  # [adapters] fp32
+    a: torch.Tensor  # [n, in, max_rank] fp32: each row's A^T, zero-padded ranks
+    b: torch.Tensor  # [n, max_rank, out] fp32: each row's B^T, zero-padded ranks
+    scaling: torch.Tensor  # [n, 1, 1] fp32
     all_rows: bool  # rows == arange(batch): skip the gather and scatter
     per_row: tuple[tuple[int, torch.Tensor, torch.Tensor, float], ...]  # (row, A, B, scaling) for the reference path
 
@@ -67,10 +70,7 @@ class BmmLoraBackend:
 
     def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         xs = x if lora.all_rows else x.index_select(0, lora.rows)  # [n, seq, in]
-        a = lora.a.index_select(0, lora.slots)  # [n, r, in]
-        b = lora.b.index_select(0, lora.slots)  # [n, out, r]
-        scaling = lora.scaling.index_select(0, lora.slots)[:, None, None]  # [n, 1, 1]
-        return torch.bmm(torch.bmm(xs.float(), a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+        return torch.bmm(torch.bmm(xs.float(), lora.a), lora.b) * lora.scaling  # [n, seq, out]
 
 
 LORA_BACKENDS: dict[str, type[LoraBackend]] = {"bmm": BmmLoraBackend, "loop": LoopLoraBackend}
@@ -92,7 +92,7 @@ class AdapterBatchData:
 
 
 def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> LayerBatch:
-    lora_rows = [(i, ad.key, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora]
+    lora_rows = [(i, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora]
     ia3_rows = [(i, ad.ia3[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.ia3]
     return LayerBatch(lora=_lora_batch(lora_rows, len(adapters), device), **_ia3_vectors(ia3_rows, len(adapters)))
 
@@ -100,28 +100,22 @@ def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: to
 def _lora_batch(rows: list, batch_size: int, device: torch.device) -> LoraBatch | None:
     if not rows:
         return None
-    slot_of: dict[str, int] = {}
-    unique = []
-    for _, key, module in rows:
-        if key not in slot_of:
-            slot_of[key] = len(unique)
-            unique.append(module)
-    max_rank = max(m.a.shape[0] for m in unique)
-    a = torch.zeros(len(unique), max_rank, unique[0].a.shape[1], device=device)
-    b = torch.zeros(len(unique), unique[0].b.shape[0], max_rank, device=device)
-    for slot, module in enumerate(unique):
+    modules = [module for _, module in rows]
+    max_rank = max(m.a.shape[0] for m in modules)
+    a = torch.zeros(len(rows), modules[0].a.shape[1], max_rank, device=device)
+    b = torch.zeros(len(rows), max_rank, modules[0].b.shape[0], device=device)
+    for i, module in enumerate(modules):
         rank = module.a.shape[0]
-        a[slot, :rank] = module.a
-        b[slot, :, :rank] = module.b
-    row_ids = [row for row, _, _ in rows]
+        a[i, :, :rank] = module.a.T
+        b[i, :rank] = module.b.T
+    row_ids = [row for row, _ in rows]
     return LoraBatch(
         rows=torch.tensor(row_ids, device=device),
-        slots=torch.tensor([slot_of[key] for _, key, _ in rows], device=device),
         a=a,
         b=b,
-        scaling=torch.tensor([m.scaling for m in unique], device=device),
+        scaling=torch.tensor([m.scaling for m in modules], device=device)[:, None, None],
         all_rows=row_ids == list(range(batch_size)),
-        per_row=tuple((row, m.a, m.b, m.scaling) for row, _, m in rows),
+        per_row=tuple((row, m.a, m.b, m.scaling) for row, m in rows),
     )
 
 
@@ -183,10 +177,13 @@ class AdapterHooks:
         if layer is None or (layer.lora is None and layer.ia3_out is None):
             return None
         dtype = output.dtype
-        out = output.float()
+        out = output.float()  # the layer's fresh output (or an fp32 copy of it): ours to update in place
         if layer.ia3_out is not None:
-            out = out * layer.ia3_out
+            out.mul_(layer.ia3_out)
         if layer.lora is not None:
             delta = self.backend.delta(args[0], layer.lora)
-            out = out + delta if layer.lora.all_rows else out.index_add(0, layer.lora.rows, delta)
+            if layer.lora.all_rows:
+                out.add_(delta)
+            else:
+                out.index_add_(0, layer.lora.rows, delta)
         return out.to(dtype)
