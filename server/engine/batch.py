@@ -159,13 +159,17 @@ class Batch:
         kv = self.kv.select(index, start)
         new_mask = mask.new_zeros(len(keep), kv.capacity)
         new_mask[:, : self.length - start] = mask[:, start:]
-        return Batch(
+        batch = Batch(
             rows=[self.rows[i] for i in keep],
             kv=kv,
             attention_mask=new_mask,
             next_positions=self.next_positions.index_select(0, index),
             next_tokens=None if self.next_tokens is None else self.next_tokens.index_select(0, index),
         )
+        if self._adapter_data is not False:  # derive the rows' adapter data instead of rebuilding it
+            data = self._adapter_data
+            batch._adapter_data = None if data is None else data.select(keep, len(self))
+        return batch
 
     @classmethod
     def concatenate(cls, batches: Sequence[Batch]) -> Batch:

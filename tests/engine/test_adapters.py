@@ -344,3 +344,23 @@ def test_batched_lora_equals_the_per_row_reference(mlp, rows):
         with torch.inference_mode(), hooks["loop"].active(AdapterBatchData.build([row], torch.device("cpu"))):
             alone = model(x[i : i + 1])
         torch.testing.assert_close(outputs["bmm"][i], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [[0, 2, 3], [1, 4], [6], [5, 1], list(range(7))])
+def test_selecting_rows_of_adapter_data_equals_building_it_for_them(mlp, keep):
+    """Batch.filter derives the kept rows' adapter data; it must be what a fresh build gives."""
+    rows = [LORA_A, None, LORA_B, LORA_A, IA3, None, LORA_C]
+    model, hooks = mlp
+    x = torch.randn(len(keep), 3, 16)
+    outputs = []
+    built = AdapterBatchData.build([rows[i] for i in keep], x.device)
+    derived = AdapterBatchData.build(rows, x.device).select(keep, len(rows))
+    assert (built is None) == (derived is None)
+    if built is None:
+        return
+    assert built.layers.keys() == derived.layers.keys()
+    with torch.inference_mode():
+        for data in (built, derived):
+            with hooks["bmm"].active(data):
+                outputs.append(model(x))
+    assert torch.equal(outputs[-2], outputs[-1])

@@ -43,6 +43,10 @@ class LayerBatch:
     ia3_in: torch.Tensor | None  # [batch, 1, in] fp32, ones for rows without IA³ here
     ia3_out: torch.Tensor | None  # [batch, 1, out] fp32, ones for rows without IA³ here
 
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in (self.ia3_in, self.ia3_out, self.lora and self.lora.rows) if t is not None).device
+
 
 class LoraBackend(Protocol):
     def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
@@ -89,6 +93,49 @@ class AdapterBatchData:
         if not names:
             return None
         return cls({name: _layer_batch(name, adapters, device) for name in sorted(names)})
+
+    def select(self, keep: Sequence[int], batch_size: int) -> AdapterBatchData | None:
+        """The data for rows `keep` of this composition, without rebuilding it from the adapters."""
+        device = next(iter(self.layers.values())).device
+        keep_t = torch.tensor(list(keep), dtype=torch.long, device=device)
+        new_index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        new_index[keep_t] = torch.arange(len(keep), device=device)
+        layers = {}
+        for name, layer in self.layers.items():
+            selected = LayerBatch(
+                lora=_select_lora(layer.lora, new_index, set(keep), len(keep)),
+                ia3_in=_select_scales(layer.ia3_in, keep_t),
+                ia3_out=_select_scales(layer.ia3_out, keep_t),
+            )
+            if selected.lora is not None or selected.ia3_in is not None or selected.ia3_out is not None:
+                layers[name] = selected
+        return AdapterBatchData(layers) if layers else None
+
+
+def _select_scales(scales: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    """The kept rows' IA³ vectors; None when they are all ones (no kept row has IA³ here)."""
+    if scales is None:
+        return None
+    kept = scales.index_select(0, keep)
+    return None if bool((kept == 1).all()) else kept
+
+
+def _select_lora(lora: LoraBatch | None, new_index: torch.Tensor, keep: set[int], batch_size: int):
+    if lora is None:
+        return None
+    kept = [i for i, (row, *_) in enumerate(lora.per_row) if row in keep]
+    if not kept:
+        return None
+    positions = torch.tensor(kept, dtype=torch.long, device=lora.rows.device)
+    rows = new_index.index_select(0, lora.rows.index_select(0, positions))
+    return LoraBatch(
+        rows=rows,
+        a=lora.a.index_select(0, positions),
+        b=lora.b.index_select(0, positions),
+        scaling=lora.scaling.index_select(0, positions),
+        all_rows=rows.tolist() == list(range(batch_size)),
+        per_row=tuple((int(new), *lora.per_row[i][1:]) for i, new in zip(kept, rows.tolist())),
+    )
 
 
 def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> LayerBatch:
