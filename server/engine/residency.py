@@ -123,7 +123,12 @@ class Residency:
 
     async def acquire_async(self, task_id: str) -> Lease:
         """`acquire` for asyncio: the store lookup and the load run off the event loop."""
-        future, entry = await asyncio.to_thread(self._pin, task_id)
+        pinning = asyncio.ensure_future(asyncio.to_thread(self._pin, task_id))
+        try:
+            future, entry = await asyncio.shield(pinning)
+        except asyncio.CancelledError:  # the pin still lands in its thread: undo it there
+            pinning.add_done_callback(self._unpin_when_pinned)
+            raise
         if future is None:
             return Lease(None)
         try:
@@ -147,6 +152,10 @@ class Residency:
             self._device.move_to_end(key)
             entry.pins += 1
         return entry.loaded, entry
+
+    def _unpin_when_pinned(self, pinning: asyncio.Future) -> None:
+        if not pinning.cancelled() and pinning.exception() is None and pinning.result()[1] is not None:
+            self._unpin(pinning.result()[1])
 
     def _unpin(self, entry: _Entry) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import threading
@@ -182,3 +183,20 @@ def test_engine_rows_keep_their_version_across_a_hot_swap(env):
     assert old.output_ids == peft_greedy(model, dirs["a"], list(PROMPT), 8)
     assert new.output_ids == peft_greedy(model, dirs["b"], list(PROMPT), 8)
     assert not engine.residency.is_resident("task", 1)  # the old version left with its last row
+
+
+async def test_a_request_cancelled_while_pinning_leaves_no_pin(env):
+    model, dirs = env
+    residency = Residency(backbone(model))
+    residency.upload("task", files(dirs["a"]))
+    pin = residency._pin
+    residency._pin = lambda task_id: (time.sleep(0.2), pin(task_id))[1]  # a slow store lookup
+    waiting = asyncio.ensure_future(residency.acquire_async("task"))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.4)
+    residency._pin = pin
+    residency.delete("task")  # an unpinned version leaves at once
+    assert not residency.is_resident("task", 1) and residency.stats.device_bytes == 0
