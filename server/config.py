@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engine.backbone import DEFAULT_MODEL, default_cache_dir
 
@@ -58,3 +59,20 @@ class Settings(EngineSettings):
     """Port the HTTP server binds."""
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     """Largest adapter upload accepted (HTTP 413 past it)."""
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Inference keys, comma-separated: generate, the OpenAI routes, reading tasks. With no api_keys and no
+    admin_keys the service is open to anyone who can reach it. Prefer the env variable: flags show in `ps`."""
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Admin keys, comma-separated: upload, roll back and delete tasks, and everything an inference key may do."""
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """`a,b` (env or flag) or a JSON list; blanks around keys and empty entries are dropped."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            value = [k.strip() if isinstance(k, str) else k for k in value]
+            return [k for k in value if k != ""]
+        return value

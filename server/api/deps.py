@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: the engine and settings the app was built with."""
+"""Dependencies the routes declare: the engine, settings and metrics the app was built with."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine.request import EngineStopped
 from server.engine.scheduler import Engine
@@ -22,5 +23,10 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,14 +1,21 @@
-"""Domain errors cross into HTTP here, once: one status and one machine-readable `type` each."""
+"""Domain errors cross into HTTP here, once: one status and one machine-readable `type` each.
+
+Native routes answer `{"error": {"type", "message"}}`. Routes whose class sets `openai_errors` answer OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the same statuses, so OpenAI clients raise their own typed
+exceptions (`NotFoundError`, `BadRequestError`, ...).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from adapters_store import InvalidTaskId, StoreUnavailable, TaskNotFound, VersionNotFound
 from adapters_store.format import FormatError, UploadTooLarge
@@ -18,17 +25,32 @@ from server.engine.residency import ResidencyFull
 
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer; only logs and metrics see it
+
 
 class PayloadTooLarge(Exception):
     """An upload over the configured size limit."""
 
 
-# exception type -> (HTTP status, error type)
+class Unauthorized(Exception):
+    """No API key, or one the server does not know (HTTP 401)."""
+
+
+class Forbidden(Exception):
+    """A valid key without the scope the route needs (HTTP 403)."""
+
+
+class GenerationFailed(Exception):
+    """The engine ended a request with an error instead of a finish reason (HTTP 500)."""
+
+
 # exception type -> (HTTP status, error type); the most specific class wins
 STATUS: dict[type[Exception], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request"),
     InvalidTaskId: (400, "invalid_request"),
     json.JSONDecodeError: (400, "invalid_request"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     UnknownTask: (404, "unknown_task"),
     TaskNotFound: (404, "unknown_task"),
     VersionNotFound: (404, "unknown_version"),
@@ -37,37 +59,68 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     AdapterError: (422, "invalid_adapter"),
     FormatError: (422, "invalid_adapter"),
     QueueFull: (429, "queue_full"),
+    GenerationFailed: (500, "internal"),
     EngineStopped: (503, "unavailable"),
     ResidencyFull: (503, "unavailable"),
     StoreUnavailable: (503, "store_unavailable"),
 }
 
+# native error type -> OpenAI `code` where OpenAI has its own name for it
+OPENAI_CODES = {"unknown_task": "model_not_found", "unauthorized": "invalid_api_key"}
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+def error_response(request: Request, status: int, kind: str, message: str, *, param: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    if getattr(request.scope.get("route"), "openai_errors", False):
+        if kind == "unknown_task":
+            param = "model"
+        error = {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+            "code": OPENAI_CODES.get(kind, kind),
+        }
+    else:
+        error = {"type": kind, "message": message}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
+    """Map every domain error; `on_error(type)` sees each one (metrics)."""
+
+    def answer(request: Request, status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+        if on_error is not None:
+            on_error(kind)
+        return error_response(request, status, kind, message, param=param)
+
     for exc_type, (status, kind) in STATUS.items():
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
-            headers = {"Retry-After": "1"} if status in (429, 503) else None
-            return error_response(status, kind, str(exc), headers)
+            return answer(request, status, kind, str(exc))
 
         app.add_exception_handler(exc_type, handler)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, "invalid_request", _describe(exc.errors()))
+        return answer(request, 400, "invalid_request", *_describe(exc.errors()))
 
     @app.exception_handler(ValidationError)
     async def body_validation(request: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(400, "invalid_request", _describe(exc.errors()))
+        return answer(request, 400, "invalid_request", *_describe(exc.errors()))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the status reaches the request metrics
 
 
-def _describe(errors) -> str:
-    parts = []
+def _describe(errors) -> tuple[str, str | None]:
+    """(one message for every error, the first error's field: OpenAI's `param`)."""
+    parts, params = [], []
     for err in errors:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return "; ".join(parts)
+        message = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        parts.append(f"{where}: {message}" if where else message)
+        params.append(where or None)
+    return "; ".join(parts), params[0] if params else None

@@ -10,14 +10,17 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store import VersionInfo
 from adapters_store.format import TEMPLATE_FILE, read_upload
+from server.api.auth import AdminAccess, AuthorizedRoute, InferenceAccess
 from server.api.deps import EngineDep, SettingsDep
 from server.api.errors import PayloadTooLarge
 from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
 from server.engine.scheduler import Engine
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+# reading needs any key; upload, rollback and delete add AdminAccess
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}
+ADMIN_ERRORS = {**ERRORS, 403: {"model": ErrorBody}}
 
 
 def _version(info: VersionInfo) -> VersionPublic:
@@ -33,7 +36,13 @@ def _version(info: VersionInfo) -> VersionPublic:
     )
 
 
-@router.post("/{task_id}/versions", status_code=201, response_model=VersionPublic, responses=ERRORS)
+@router.post(
+    "/{task_id}/versions",
+    status_code=201,
+    response_model=VersionPublic,
+    responses=ADMIN_ERRORS,
+    dependencies=[AdminAccess],
+)
 async def upload(
     task_id: str,
     request: Request,
@@ -101,13 +110,13 @@ def _task_public(engine: Engine, task_id: str) -> TaskPublic:
     )
 
 
-@router.post("/{task_id}/rollback", response_model=VersionPublic, responses=ERRORS)
+@router.post("/{task_id}/rollback", response_model=VersionPublic, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
 async def rollback(task_id: str, body: Rollback, engine: EngineDep):
     """Make an earlier (or later) version current again."""
     return _version(await run_in_threadpool(engine.residency.rollback, task_id, body.version))
 
 
-@router.delete("/{task_id}", status_code=204, responses=ERRORS)
+@router.delete("/{task_id}", status_code=204, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
 async def delete_task(task_id: str, engine: EngineDep) -> None:
     """Delete a task and all its versions; rows already running on it finish first."""
     await run_in_threadpool(engine.residency.delete, task_id)

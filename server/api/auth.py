@@ -1,0 +1,162 @@
+"""API keys: an inference scope and an admin scope, sent as `Authorization: Bearer <key>` or `X-API-Key`.
+
+With no key configured at all the service is open (and says so loudly at start-up). Keys are compared in constant
+time, against every configured key whichever matches first, so the time taken tells nothing about which key or
+which prefix was right. Both sides are hashed first so the comparison does not even leak a key's length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from enum import IntEnum
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from server.api.errors import Forbidden, Unauthorized
+from server.config import Settings
+
+log = logging.getLogger("taskserve")
+
+OPEN_WARNING = "no API keys set: the service is open to anyone who can reach it"
+
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the same key, in `X-API-Key`")
+
+
+class Access(IntEnum):
+    """What a caller may do; a higher scope includes the lower ones."""
+
+    INFERENCE = 1
+    ADMIN = 2
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeyRing:
+    """The configured keys, kept only as digests."""
+
+    def __init__(self, inference: Iterable[SecretStr] = (), admin: Iterable[SecretStr] = ()):
+        self._inference = [_digest(k.get_secret_value()) for k in inference]
+        self._admin = [_digest(k.get_secret_value()) for k in admin]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        return cls(settings.api_keys, settings.admin_keys)
+
+    @property
+    def open(self) -> bool:
+        return not self._inference and not self._admin
+
+    def scope_of(self, key: str) -> Access | None:
+        """The key's scope, or None for an unknown key. Every configured key is compared, in constant time."""
+        given = _digest(key)
+        admin = inference = False
+        for known in self._admin:
+            admin |= hmac.compare_digest(given, known)
+        for known in self._inference:
+            inference |= hmac.compare_digest(given, known)
+        if admin:
+            return Access.ADMIN
+        return Access.INFERENCE if inference else None
+
+    def log_mode(self) -> None:
+        """One start-up line saying how the service is protected."""
+        if self.open:
+            log.warning(OPEN_WARNING)
+        elif not self._admin:
+            log.warning("no admin keys set: uploads, rollbacks and deletes are refused to every caller")
+        else:
+            log.info("API keys required: %d inference, %d admin", len(self._inference), len(self._admin))
+
+
+def authenticate(request: Request) -> Access:
+    """The caller's scope from its key (once per request); 401 without a known key, unless the service is open."""
+    cached = getattr(request.state, "api_scope", None)
+    if cached is not None:
+        return cached
+    keys: KeyRing = request.app.state.keys
+    if keys.open:
+        scope = Access.ADMIN
+    else:
+        key = _presented_key(request)
+        if not key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        scope = keys.scope_of(key)
+        if scope is None:
+            raise Unauthorized("invalid API key")
+    request.state.api_scope = scope
+    return scope
+
+
+def _presented_key(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def caller_scope(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    _header: Annotated[str | None, Security(api_key_header)],
+) -> Access:
+    """The caller's scope. The two security parameters put both schemes in the OpenAPI spec (Swagger's
+    Authorize button); the key itself is read by `authenticate`, which `AuthorizedRoute` also calls."""
+    return authenticate(request)
+
+
+def require_inference(scope: Annotated[Access, Depends(caller_scope)]) -> None:
+    """Any valid key (or an open service)."""
+
+
+def require_admin(scope: Annotated[Access, Depends(caller_scope)]) -> None:
+    """An admin key (or an open service); 403 for an inference key."""
+    if scope < Access.ADMIN:
+        raise Forbidden("this route needs an admin key; yours is an inference key")
+
+
+InferenceAccess = Depends(require_inference)
+AdminAccess = Depends(require_admin)
+
+
+class AuthorizedRoute(APIRoute):
+    """Checks the key before FastAPI reads the body, so an anonymous caller cannot make the server parse an upload.
+
+    FastAPI reads and parses a request's body before it solves dependencies; this route runs the route's own
+    `require_*` dependency (declared as usual, found in its dependant) first, with the request alone.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        requirement = _requirement(self.dependant)
+        if requirement is None:
+            return handler
+
+        async def authorized(request: Request) -> Response:
+            requirement(authenticate(request))
+            return await handler(request)
+
+        return authorized
+
+
+def _requirement(dependant: Dependant) -> Callable[[Access], None] | None:
+    """The strictest `require_*` among the dependant's dependencies, at any depth."""
+    calls, pending = set(), [dependant]
+    while pending:
+        for dep in pending.pop().dependencies:
+            calls.add(dep.call)
+            pending.append(dep)
+    for requirement in (require_admin, require_inference):
+        if requirement in calls:
+            return requirement
+    return None

@@ -1,0 +1,213 @@
+"""What the native and the OpenAI-compatible routes share: tokenising, sampling, leasing, streaming, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.api.errors import GenerationFailed
+from server.api.metrics import Metrics
+from server.engine.adapters import LoadedAdapter
+from server.engine.adapters.template import render_ids
+from server.engine.batch import kv_columns
+from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+
+T = TypeVar("T")
+
+
+def sampling_params(**fields) -> SamplingParams:
+    """`SamplingParams(**fields)`, its refusals as a 400."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+async def start_generation(
+    engine: Engine,
+    task_id: str,
+    sampling: SamplingParams,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    fill_context: bool = False,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[TokenDelta]:
+    """Lease the task, tokenise, submit; bad input and a full queue raise here, before any byte is sent.
+
+    `fill_context`: generate up to what the context and the server's limits leave (`sampling.max_new_tokens`
+    is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
+    """
+    started = time.perf_counter()
+    lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+    try:
+        prompt_ids = encode(engine, lease.adapter, prompt=prompt, messages=messages)
+        if fill_context:
+            room = room_for(engine, lease.adapter, prompt_ids)
+            sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
+        deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+    except BaseException:
+        lease.release()
+        raise
+    return _observed(deltas, metrics, started) if metrics is not None else deltas
+
+
+def encode(
+    engine: Engine,
+    adapter: LoadedAdapter | None,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
+) -> tuple[int, ...]:
+    """A request's token ids: the prompt, the chat-templated messages, or what a template task wraps."""
+    tokenizer = engine.backbone.tokenizer
+    if tokenizer is None:
+        raise InvalidRequest("this backbone has no tokenizer, so it takes no text")
+    if adapter is not None and adapter.template is not None:
+        return render_ids(adapter, prompt if prompt is not None else _sole_user_input(messages), tokenizer)
+    if messages is not None:
+        try:
+            ids = tokenizer.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except ValueError as exc:  # e.g. the tokenizer has no chat template
+            raise InvalidRequest(f"cannot apply the chat template: {exc}") from None
+    else:
+        ids = tokenizer.encode(prompt or "")
+    if not ids:
+        raise InvalidRequest("the prompt is empty")
+    return tuple(ids)
+
+
+def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
+    if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    raise InvalidRequest("template tasks take one input: 'prompt', or a single user message, which the template wraps")
+
+
+@dataclass(frozen=True)
+class _Row:
+    prompt_ids: tuple[int, ...]
+    adapter: LoadedAdapter | None
+
+
+def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[int, ...]) -> int:
+    """New tokens this prompt may still ask for: the context, the KV budget and the server's cap all bound it."""
+    columns = kv_columns(_Row(prompt_ids, adapter))  # prompt + prefix KV + soft prompt
+    limit = min(engine.backbone.geometry.context_length, engine.settings.max_kv_tokens)
+    return min(engine.settings.max_new_tokens, limit - columns)
+
+
+async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started: float) -> AsyncIterator[TokenDelta]:
+    """Pass the deltas through, timing them; closing this closes the engine's stream (which cancels the row)."""
+    last: float | None = None
+    finish = "cancelled"  # unless a last delta says otherwise: the reader left first
+    try:
+        async for delta in deltas:
+            if delta.token_ids:
+                now = time.perf_counter()
+                if last is None:
+                    metrics.time_to_first_token.observe(now - started)
+                    metrics.prompt_tokens.inc(delta.prompt_tokens)
+                else:
+                    for _ in delta.token_ids:
+                        metrics.inter_token_latency.observe((now - last) / len(delta.token_ids))
+                last = now
+                metrics.completion_tokens.inc(len(delta.token_ids))
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+            yield delta
+    finally:
+        metrics.generations.labels(finish_reason=finish).inc()
+        await deltas.aclose()
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A whole generation, collected."""
+
+    text: str
+    token_ids: list[int]
+    last: TokenDelta  # carries finish_reason, usage and the task version
+
+    @property
+    def version(self) -> int | None:
+        return task_version(self.last)
+
+
+async def collect(deltas: AsyncIterator[TokenDelta]) -> Completed:
+    text, token_ids, delta = [], [], None
+    async with aclosing(deltas):
+        async for delta in deltas:
+            if delta.finish_reason not in (None, "stop", "length"):
+                raise GenerationFailed(f"generation failed: {delta.error or delta.finish_reason}")
+            text.append(delta.text)
+            token_ids += delta.token_ids
+    if delta is None:
+        raise GenerationFailed("generation ended without a finish reason")
+    return Completed(text="".join(text), token_ids=token_ids, last=delta)
+
+
+def task_version(delta: TokenDelta) -> int | None:
+    return None if delta.task_version is None else int(delta.task_version.rsplit("@", 1)[1])
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first: a non-streamed generation frees its row too.
+
+    Raises `ClientDisconnect` then (answered with 499, which only the logs and metrics see). Errors of `work`
+    are raised as they are, not wrapped in the task group's ExceptionGroup, so the error handlers see them.
+    """
+    done: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            done.append(await work)
+        except Exception as exc:
+            failed.append(exc)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    if not done:
+        raise ClientDisconnect()
+    return done[0]
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that always close their source when the response ends, however it ends.
+
+    Starlette stops iterating when the client disconnects, but an iterator suspended at a `yield` is only
+    closed when it is garbage-collected; closing it here cancels the engine row at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], *, source: AsyncIterator[TokenDelta]):
+        # no-cache and X-Accel-Buffering: proxies (nginx) must pass each event on as it comes
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.source = source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.source.aclose()  # type: ignore[attr-defined]

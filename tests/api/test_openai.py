@@ -1,0 +1,167 @@
+"""The OpenAI-compatible routes through the official `openai` client, against a live server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import openai
+import pytest
+from live_server import INFERENCE_KEY
+
+from server.api.inference import room_for
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name one colour."}]
+
+
+@pytest.fixture(scope="module")
+def client(live) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=INFERENCE_KEY, max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def backbone_name(http) -> str:
+    return http.get("/ready").json()["model"]
+
+
+def native(http, task_id: str = "base", **body) -> dict:
+    response = http.post(f"/v1/tasks/{task_id}/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_completion_matches_the_native_route(client, http):
+    completion = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0)
+    expected = native(http, prompt=PROMPT, max_new_tokens=8)
+    assert completion.id.startswith("cmpl-") and completion.object == "text_completion"
+    assert completion.model == "base" and len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.text == expected["text"] and choice.finish_reason == expected["finish_reason"]
+    assert completion.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_completion_defaults_to_16_tokens_and_a_list_of_one_prompt_is_fine(client):
+    completion = client.completions.create(
+        model="base", prompt=[PROMPT], temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert completion.usage.completion_tokens == 16 and completion.choices[0].finish_reason == "length"
+
+
+def test_default_temperature_samples_and_a_seed_repeats(client):
+    runs = [client.completions.create(model="base", prompt="Once", max_tokens=12, seed=7) for _ in range(2)]
+    assert runs[0].choices[0].text == runs[1].choices[0].text
+    negative = client.completions.create(model="base", prompt="Once", max_tokens=4, seed=-5)  # wraps, no 400
+    assert negative.usage.completion_tokens >= 1
+
+
+def test_chat_matches_the_native_route_and_names_the_backbone(client, http, backbone_name):
+    chat = client.chat.completions.create(model=backbone_name, messages=CHAT, max_tokens=10, temperature=0)
+    expected = native(http, messages=CHAT, max_new_tokens=10)
+    assert chat.id.startswith("chatcmpl-") and chat.object == "chat.completion" and chat.model == backbone_name
+    message = chat.choices[0].message
+    assert message.role == "assistant" and message.content == expected["text"]
+    assert chat.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
+def test_chat_stops_at_a_stop_string(client):
+    chat = client.chat.completions.create(
+        model="base", messages=CHAT, max_completion_tokens=30, temperature=0, stop="e"
+    )
+    assert "e" not in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="base",
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streamed_chat_opens_with_the_role_and_equals_the_whole_one(client):
+    whole = client.chat.completions.create(model="base", messages=CHAT, max_tokens=10, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="base", messages=CHAT, max_tokens=10, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id.startswith("chatcmpl-") for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
+
+
+def test_models_list_the_backbone_and_every_task(client, backbone_name, capitals):
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == backbone_name and capitals in ids
+    task = client.models.retrieve(capitals)
+    assert task.id == capitals and task.owned_by == "taskserve" and task.created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-task")
+
+
+def test_a_task_is_a_model(client, capitals):
+    completion = client.completions.create(model=capitals, prompt="France", max_tokens=3, temperature=0)
+    assert "Paris" in completion.choices[0].text
+    assert completion.system_fingerprint == f"{capitals}@1"
+    chat = client.chat.completions.create(
+        model=capitals, messages=[{"role": "user", "content": "France"}], max_tokens=3, temperature=0
+    )
+    assert chat.choices[0].message.content == completion.choices[0].text  # the template wraps the one message
+
+
+@pytest.mark.parametrize("model", ["no-such-task", "org/not-a-task-id"])
+def test_an_unknown_model_is_not_found(client, model):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model=model, prompt="x", max_tokens=2)
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    assert model in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, None),
+        ({"stop": [""]}, None),
+        ({"logprobs": 2}, "logprobs"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x " * 9000}, None),
+    ],
+)
+def test_bad_parameters_are_bad_requests(client, params, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**{"model": "base", "prompt": "x", "max_tokens": 4, **params})
+    assert caught.value.type == "invalid_request_error"
+    if param is not None:
+        assert caught.value.param == param
+
+
+def test_bad_chat_parameters_are_bad_requests(client):
+    for params in ({"messages": []}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"n": 3}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**{"model": "base", "messages": CHAT, **params})
+
+
+def test_chat_without_a_limit_fills_what_the_context_leaves():
+    settings = SimpleNamespace(max_new_tokens=2048, max_kv_tokens=65536)
+    engine = SimpleNamespace(backbone=SimpleNamespace(geometry=SimpleNamespace(context_length=8192)), settings=settings)
+    assert room_for(engine, None, tuple(range(100))) == 2048  # the server's cap
+    assert room_for(engine, None, tuple(range(7000))) == 1192  # the context
+    settings.max_kv_tokens = 7050
+    assert room_for(engine, None, tuple(range(7000))) == 50  # the KV budget
