@@ -9,8 +9,8 @@ LINT_PATHS := server adapters_store clients tests bench
 
 install: $(VENV)/.installed
 
-# Re-runs only when the venv is missing or pyproject.toml / constraints.txt changed.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Re-runs only when the venv is missing or pyproject.toml / constraints.txt / this Makefile changed.
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	PATH="$$PATH:/usr/sbin"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install$$missing"; \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	touch $@
 
