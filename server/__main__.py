@@ -14,7 +14,7 @@ def main() -> None:
     settings = Settings(_cli_parse_args=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("taskserve").info(
-        "taskserve: model %s, listening on http://%s:%d", settings.model, settings.host, settings.port
+        "model %s, listening on http://%s:%d", settings.model, settings.host, settings.port
     )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, tiny_gpt2, tiny_llama
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
@@ -99,3 +100,37 @@ def test_lora_backends_agree_in_a_mixed_batch(arch_setup):
     engine.run_until_idle()
     for job, generation in generations.items():
         assert generation.output_ids == expected[job], job
+
+
+def _tiny(config_class, **extra):
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        **extra,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, MistralConfig], ids=["qwen2", "mistral"])
+def test_other_llama_family_models_match_peft_in_a_mixed_batch(config_class, tmp_path):
+    model = _tiny(config_class)
+    kinds = ("prefix", "prompt", "lora_all", "ia3")
+    dirs = {kind: make_adapter(model, kind, tmp_path / kind, seed=i) for i, kind in enumerate(kinds)}
+    engine = make_engine(model, dirs)
+    generations = {
+        (kind, i): engine.submit(request(prompt, kind), sink=lambda d: None)
+        for kind in ("base", *kinds)
+        for i, prompt in enumerate(PROMPTS[:2])
+    }
+    engine.run_until_idle()
+    for (kind, i), generation in generations.items():
+        expected = peft_greedy(model, dirs.get(kind), PROMPTS[i], NEW_TOKENS)
+        assert generation.output_ids == expected, (kind, i)
