@@ -167,8 +167,9 @@ def _run(args: argparse.Namespace, trainer):
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(bar, completed=step, total=total, loss=f"{loss:.3f}")
 
-        def on_phase(text: str) -> None:
-            progress.update(bar, description=escape(text))
+        def on_phase(text: str) -> None:  # the whole line above the bar, its first words on it
+            progress.console.print(escape(text))
+            progress.update(bar, description=escape(text.split(":")[0]))
 
         return trainer.train(options, on_step=on_step, on_phase=on_phase)
 
@@ -194,10 +195,8 @@ def _upload_client(args: argparse.Namespace) -> Client | None:
         with client_for(args, timeout=3.0) as probe:
             probe.health()
     except TransportError:
-        err.print(
-            f"no server at {client.url}: the adapter is saved in {args.out or Path('out') / args.task}; "
-            f"upload it later with `taskserve upload {args.task} DIR`"
-        )
+        saved = args.out or Path("out") / args.task
+        err.print(f"no server at {client.url}: upload the adapter later with `taskserve upload {args.task} {saved}`")
         client.close()
         return None
     return client
