@@ -1,15 +1,17 @@
 """Mixed-task throughput: the engine batching many PEFT tasks of every kind, against the backbone alone and PEFT.
 
-Measured side by side in one run, on the default model, for each N in --sizes:
+Measured side by side in one run, on the default model, for each prompt length in --prompt-lengths (short ~12
+tokens, long ~120) and each N in --sizes, on the realistic mix of bench/workload.py (all-linear LoRA r=16, q/v
+LoRA r=8, rsLoRA r=16, prefix 16 and 10-with-projection, prompt 8 and 20, p-tuning 12, IA³):
 
-  (a) engine, N requests on N distinct tasks cycling through every served kind, all submitted at once;
+  (a) engine, N requests on N distinct tasks cycling through the mix, all submitted at once;
   (b) engine, the same prompts with no adapter (task "base"): the ceiling (a) is held against;
   (c) PEFT by hand, one request at a time: one PeftModel per peft type, `set_adapter` per request;
       timed on a sample of requests and extrapolated (per-request time x N);
   (d) a LoRA-only load with varied output lengths: the engine vs PEFT's own mixed batch
       (`generate(adapter_names=...)` on static left-padded batches of the engine's max batch size).
 
-    python bench/mixed_tasks.py --sizes 8,32,64 --new-tokens 64 [--json out.json]
+    python bench/mixed_tasks.py --sizes 8,32,64 --prompt-lengths 12,120 --new-tokens 64 [--json out.json]
     python bench/mixed_tasks.py --quick          # smoke run: N=8, 16 new tokens
     python bench/mixed_tasks.py --profile --sizes 32   # (a) only, under torch.profiler
 """
@@ -22,8 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -46,45 +46,26 @@ import peft
 import torch
 import transformers
 from peft import PeftModel
-from peft_reference import ALL_SERVED_KINDS, LORA_KINDS, make_adapter
 from rich.console import Console
 from rich.table import Table
+from workload import MIX, Engine, Task, make_prompts, make_tasks
 
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, GenerationRequest
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 
-TARGETS = {"a/b": 0.90, "a/c": 10.0, "lora engine/peft": 1.5}  # held at N=32
-SENTENCES = [
-    "Please summarise the following customer review in one short sentence.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "My flight was delayed by three hours, and nobody at the gate could explain why.",
-    "Translate the next paragraph into French, keeping the formal tone of the original.",
-    "The old lighthouse has guided fishing boats along this rocky coast since 1871.",
-    "Write a polite email declining the invitation, but suggest meeting next month instead.",
-    "She planted tomatoes, basil and peppers in the small garden behind the kitchen.",
-    "Explain, step by step, how a hash table resolves collisions with open addressing.",
-    "Classify the sentiment of this tweet as positive, negative or neutral.",
-    "Which of these three laptops offers the best battery life for the price?",
-]
+TARGETS = {"a/b": 0.90, "a/c": 10.0, "lora engine/peft": 2.0}  # held at N=32, at every prompt length
+LORA_MIX = ("lora_all_r16", "lora_qv_r8", "rslora_attn_r16")
 console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
-
-
-@dataclass(frozen=True)
-class Task:
-    task_id: str
-    kind: str
-    path: Path
-    peft_type: str
 
 
 @dataclass
 class Row:
     """One line of results; tokens/s are useful generated tokens over wall time."""
 
+    prompt_len: int
     n: int
     mixed_tok_s: float
     base_tok_s: float
@@ -104,30 +85,6 @@ class Row:
 
 
 # --- workload --------------------------------------------------------------------------------------
-
-
-def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
-    """Prompts of 20-60 tokens cut from running English text, so lengths (and so padding) vary as in real traffic."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(n):
-        want, ids, k = rng.randint(20, 60), [], rng.randrange(len(SENTENCES))
-        while len(ids) < want:
-            ids += tokenizer(" " + SENTENCES[k % len(SENTENCES)], add_special_tokens=False)["input_ids"]
-            k += 1
-        prompts.append(ids[:want])
-    return prompts
-
-
-def make_tasks(model, root: Path, prefix: str, kinds: tuple[str, ...], n: int, seed: int) -> list[Task]:
-    """N distinct randomised PEFT adapters cycling through `kinds`, saved once with PEFT's own save_pretrained."""
-    tasks = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        path = make_adapter(model, kind, root / f"{prefix}{i}", seed=seed + i)
-        peft_type = json.loads((path / "adapter_config.json").read_text())["peft_type"]
-        tasks.append(Task(f"{prefix}{i}-{kind}", kind, path, peft_type))
-    return tasks
 
 
 def varied_lengths(n: int, new_tokens: int, seed: int = 1) -> list[int]:
@@ -318,16 +275,23 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
 def print_report(info: dict, rows: list[Row], args) -> None:
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     mixed = Table(title=f"Mixed tasks: {args.new_tokens} new tokens per request, greedy, ignore_eos (tokens/s)")
-    for col in ("N", "(a) engine mixed", "(b) engine base", "(c) PEFT one-at-a-time*", "c≡a", "a/b", "a/c"):
+    columns = ("prompt", "N", "(a) engine mixed", "(b) engine base", "(c) PEFT one-at-a-time*", "c≡a", "a/b", "a/c")
+    for col in columns:
         mixed.add_column(col, justify="right")
     lora = Table(title=f"LoRA-only load, max_new_tokens in [{max(1, args.new_tokens // 4)}, {args.new_tokens}]")
-    for col in ("N", "engine", f"PEFT mixed batch (static, {args.max_batch})", "engine/PEFT"):
+    for col in ("prompt", "N", "engine", f"PEFT mixed batch (static, {args.max_batch})", "engine/PEFT"):
         lora.add_column(col, justify="right")
     for r in rows:
         q = {k: f"{v:.2f} {'✓' if v >= TARGETS[k] else '✗'}" for k, v in r.ratios.items()}
         speeds = (f"{x:.1f}" for x in (r.mixed_tok_s, r.base_tok_s, r.peft_single_tok_s))
-        mixed.add_row(str(r.n), *speeds, r.peft_single_agree, q["a/b"], q["a/c"])
-        lora.add_row(str(r.n), f"{r.lora_engine_tok_s:.1f}", f"{r.lora_peft_tok_s:.1f}", q["lora engine/peft"])
+        mixed.add_row(f"~{r.prompt_len}", str(r.n), *speeds, r.peft_single_agree, q["a/b"], q["a/c"])
+        lora.add_row(
+            f"~{r.prompt_len}",
+            str(r.n),
+            f"{r.lora_engine_tok_s:.1f}",
+            f"{r.lora_peft_tok_s:.1f}",
+            q["lora engine/peft"],
+        )
     console.print(mixed, lora)
     console.print(
         f"* (c) timed on {min(args.peft_sample, max(r.n for r in rows))} requests spread over the load and "
@@ -342,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="8,32,64", help="comma-separated N (concurrent requests = distinct tasks)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-lengths", default="12,120", help="comma-separated mean prompt lengths (tokens, ±25%%)")
+    p.add_argument("--adapters", type=Path, help="keep the generated PEFT adapters here and reuse them next time")
     p.add_argument("--quick", action="store_true", help="smoke run: --sizes 8 --new-tokens 16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-batch", type=int, default=64, help="engine max_batch_size = PEFT's static batch in (d)")
@@ -353,6 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.new_tokens = "8", 16
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.prompt_lengths = [int(s) for s in args.prompt_lengths.split(",")]
     return args
 
 
@@ -365,38 +332,47 @@ def main(argv: list[str] | None = None) -> None:
     maker = plain if backbone.device.type == "cpu" else Backbone.load(device="cpu", dtype="float32").model
     n_max = max(args.sizes)
     with tempfile.TemporaryDirectory(prefix="taskserve-bench-") as tmp:
+        root = args.adapters or Path(tmp)
         started = time.perf_counter()
-        mixed = make_tasks(maker, Path(tmp), "t", ALL_SERVED_KINDS, n_max, seed=0)
-        lora = [] if args.profile else make_tasks(maker, Path(tmp), "lora", LORA_KINDS, n_max, seed=1000)
-        console.print(f"built {len(mixed) + len(lora)} PEFT adapters in {time.perf_counter() - started:.0f} s")
+        mixed = make_tasks(maker, root, n_max, seed=0)
+        lora = [] if args.profile else make_tasks(maker, root, n_max, kinds=LORA_MIX, seed=1000, prefix="lora")
+        console.print(f"{len(mixed) + len(lora)} PEFT adapters ready in {time.perf_counter() - started:.0f} s")
         engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch))
         for task in mixed + lora:
             engine.residency.register(task.task_id, *read_peft_dir(task.path))
-        prompts = make_prompts(backbone.tokenizer, n_max)
         if args.profile:
-            lengths = [args.new_tokens] * n_max
-            profile_engine(engine, prompts, [t.task_id for t in mixed], lengths)
+            prompts = make_prompts(backbone.tokenizer, n_max, args.prompt_lengths[0])
+            profile_engine(engine, prompts, [t.task_id for t in mixed], [args.new_tokens] * n_max)
             return
         rows = []
-        for n in args.sizes:
-            # Repeats go round all paths in turn, so a burst of load elsewhere on a shared machine hits one pass of
-            # every path rather than every repeat of one path; the fastest pass of each path is the least disturbed.
-            passes = [measure(engine, plain, mixed[:n], lora[:n], prompts[:n], args) for _ in range(args.repeats)]
-            rows.append(Row(*(max(v) if isinstance(v[0], float) else v[0] for v in zip(*map(astuple, passes)))))
+        for length in args.prompt_lengths:
+            prompts = make_prompts(backbone.tokenizer, n_max, length)
+            for n in args.sizes:
+                # Repeats go round all paths in turn, so a burst of load elsewhere on a shared machine hits one pass
+                # of every path rather than every repeat of one path; the fastest pass of each is the least disturbed.
+                passes = [
+                    measure(engine, plain, mixed[:n], lora[:n], prompts[:n], length, args) for _ in range(args.repeats)
+                ]
+                rows.append(Row(*(max(v) if isinstance(v[0], float) else v[0] for v in zip(*map(astuple, passes)))))
     info = machine_info(backbone.device)
     print_report(info, rows, args)
     if args.json:
         results = [{**asdict(r), "ratios": r.ratios} for r in rows]
-        run = {"new_tokens": args.new_tokens, "repeats": args.repeats, "peft_sample": args.peft_sample}
+        run = {
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "peft_sample": args.peft_sample,
+            "mix": list(MIX),
+        }
         report = {"machine": info, "run": run, "targets": TARGETS, "results": results}
         args.json.write_text(json.dumps(report, indent=2))
 
 
-def measure(engine: Engine, plain, mixed: list[Task], lora: list[Task], prompts, args) -> Row:
+def measure(engine: Engine, plain, mixed: list[Task], lora: list[Task], prompts, length: int, args) -> Row:
     n, m = len(mixed), args.new_tokens
 
     def log(what: str, tok_s: float) -> None:  # as we go: a cut-short run still says something
-        console.print(f"N={n}: {what}: {tok_s:.1f} tokens/s", style="dim")
+        console.print(f"prompt ~{length}, N={n}: {what}: {tok_s:.1f} tokens/s", style="dim")
 
     same, lengths = [m] * n, varied_lengths(n, m)
     mixed_tok_s, reference = engine_tok_s(engine, prompts, [t.task_id for t in mixed], same)
@@ -409,7 +385,8 @@ def measure(engine: Engine, plain, mixed: list[Task], lora: list[Task], prompts,
     log("(d) LoRA load, engine", lora_engine)
     lora_peft = peft_mixed(plain, lora, prompts, lengths, args.max_batch)
     log("(d) LoRA load, PEFT mixed batch", lora_peft)
-    return Row(n, mixed_tok_s, base_tok_s, single_tok_s, min(args.peft_sample, n), agree, lora_engine, lora_peft)
+    sample = min(args.peft_sample, n)
+    return Row(length, n, mixed_tok_s, base_tok_s, single_tok_s, sample, agree, lora_engine, lora_peft)
 
 
 if __name__ == "__main__":

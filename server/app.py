@@ -16,8 +16,8 @@ from server.api.auth import KeyRing
 from server.api.metrics import Metrics, RequestMetrics
 from server.config import Settings
 from server.engine.backbone import Backbone
+from server.engine.engine import Engine
 from server.engine.residency import Residency
-from server.engine.scheduler import Engine
 
 log = logging.getLogger("taskserve")
 

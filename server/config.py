@@ -24,15 +24,22 @@ class EngineSettings(BaseSettings):
     )
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
-    """Rows decoded together in one forward pass."""
+    """Rows in the running batch (decoding or part-way through their prompt)."""
+    max_step_tokens: int = Field(default=256, ge=1)
+    """Inputs computed in one forward: each decoding row's token first, then prompt chunks up to this budget
+    (a long prompt is prefilled over several steps while running rows keep decoding)."""
     max_kv_tokens: int = Field(default=65536, ge=16)
-    """KV-cache columns across the running batch (rows x padded length), prefill included."""
+    """KV-cache columns in the pool shared by all rows; each row reserves its longest need when admitted."""
+    kv_block_size: int = Field(default=16, ge=1, le=1024)
+    """KV columns per block: the unit in which rows take and give back KV memory."""
     max_queue: int = Field(default=1024, ge=0)
     """Requests waiting for admission; past it, submit fails with QueueFull (HTTP 429)."""
     max_new_tokens: int = Field(default=2048, ge=1)
     """Upper bound a request may ask for."""
-    lora_backend: Literal["bmm", "loop"] = "bmm"
-    """How LoRA rows are computed: batched matmuls over gathered weights, or the per-row reference loop."""
+    lora_backend: Literal["auto", "gathered", "segmented", "loop"] = "auto"
+    """How LoRA rows are computed: auto picks per step and layer family between gathered (each token's weights
+    gathered by slot, two batched matmuls) and segmented (rows of one adapter as one run of plain matmuls);
+    loop is the per-row reference."""
 
 
 class Settings(EngineSettings):

@@ -244,14 +244,15 @@ def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def make_adapter(model, kind: str, out_dir, seed: int = 0) -> pathlib.Path:
+def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathlib.Path:
     """Wrap a deep copy of ``model`` with adapter ``kind``, randomise it, save to ``out_dir``.
 
-    The caller's model is never mutated.  Returns ``pathlib.Path(out_dir)`` which then contains
-    ``adapter_config.json``, ``adapter_model.safetensors`` and PEFT's ``README.md``.
+    ``config`` replaces ``adapter_config(model, kind)`` (benchmarks use other sizes); ``kind`` still says
+    how to randomise. The caller's model is never mutated.  Returns ``pathlib.Path(out_dir)`` which then
+    contains ``adapter_config.json``, ``adapter_model.safetensors`` and PEFT's ``README.md``.
     """
     out_dir = pathlib.Path(out_dir)
-    cfg = adapter_config(model, kind)
+    cfg = config if config is not None else adapter_config(model, kind)
     base = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         # seeds the default (random) init of prompt embeddings, p-tuning MLP/LSTM, prefix MLP

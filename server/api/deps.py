@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 
 from server.api.metrics import Metrics
 from server.config import Settings
+from server.engine.engine import Engine
 from server.engine.request import EngineStopped
-from server.engine.scheduler import Engine
 
 
 def get_engine(request: Request) -> Engine:

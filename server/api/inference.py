@@ -18,10 +18,9 @@ from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
-from server.engine.batch import kv_columns
+from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 
 T = TypeVar("T")
 
@@ -96,17 +95,11 @@ def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
     raise InvalidRequest("template tasks take one input: 'prompt', or a single user message, which the template wraps")
 
 
-@dataclass(frozen=True)
-class _Row:
-    prompt_ids: tuple[int, ...]
-    adapter: LoadedAdapter | None
-
-
 def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[int, ...]) -> int:
-    """New tokens this prompt may still ask for: the context, the KV budget and the server's cap all bound it."""
-    columns = kv_columns(_Row(prompt_ids, adapter))  # prompt + prefix KV + soft prompt
+    """New tokens this prompt may still ask for: the context, the KV pool and the server's cap all bound it."""
+    virtual = 0 if adapter is None else adapter.prefix_len + adapter.soft_len
     limit = min(engine.backbone.geometry.context_length, engine.settings.max_kv_tokens)
-    return min(engine.settings.max_new_tokens, limit - columns)
+    return min(engine.settings.max_new_tokens, limit - virtual - len(prompt_ids))
 
 
 async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started: float) -> AsyncIterator[TokenDelta]:

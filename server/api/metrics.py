@@ -89,18 +89,13 @@ class EngineCollector(Collector):
         engine = getattr(self.app.state, "engine", None)
         if engine is None:  # still loading: nothing to report yet
             return
-        running = engine.running  # one read: the engine thread may swap it meanwhile
-        rows = len(running) if running is not None else 0
-        yield _gauge("taskserve_running_rows", "Rows in the running batch: the batch size of the next decode.", rows)
-        yield _gauge("taskserve_queued_requests", "Requests waiting for admission.", len(engine.scheduler.waiting))
+        stats = engine.stats()
+        yield _gauge("taskserve_running_rows", "Rows in the running batch (decoding or prefilling).", stats.running)
+        yield _gauge("taskserve_queued_requests", "Requests waiting for admission.", stats.waiting)
         yield _gauge("taskserve_max_batch_size", "The batch-size limit (setting).", engine.settings.max_batch_size)
-        yield _gauge(
-            "taskserve_kv_tokens",
-            "KV-cache columns the running batch spans (rows x padded length).",
-            rows * running.length if running is not None else 0,
-        )
-        yield _gauge("taskserve_max_kv_tokens", "The KV-column limit (setting).", engine.settings.max_kv_tokens)
-        yield _counter("taskserve_engine_steps", "Engine steps (one forward each) since start.", engine.steps)
+        yield _gauge("taskserve_kv_tokens", "KV-cache columns the running rows hold (whole blocks).", stats.kv_tokens)
+        yield _gauge("taskserve_max_kv_tokens", "KV-cache columns in the pool.", stats.kv_capacity)
+        yield _counter("taskserve_engine_steps", "Engine steps (one forward each) since start.", stats.steps)
 
         residency = engine.residency
         stats = residency.stats

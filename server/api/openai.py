@@ -44,9 +44,9 @@ from server.api.openai_schemas import (
     OpenAIErrorDetail,
     SamplingFields,
 )
+from server.engine.engine import Engine
 from server.engine.request import BASE_TASK, InvalidRequest, TokenDelta, UnknownTask
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 
 
 class OpenAIRoute(AuthorizedRoute):

@@ -14,7 +14,7 @@ from server.api.auth import AdminAccess, AuthorizedRoute, InferenceAccess
 from server.api.deps import EngineDep, SettingsDep
 from server.api.errors import PayloadTooLarge
 from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
-from server.engine.scheduler import Engine
+from server.engine.engine import Engine
 
 # reading needs any key; upload, rollback and delete add AdminAccess
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])

@@ -1,193 +1,124 @@
-"""A Batch owns its tensors: KV cache, attention mask, positions, last tokens, per-row adapters.
+"""The running batch: its rows, the KV blocks they hold, and each step's packed inputs.
 
-It knows how to prefill itself from new rows, run one decode step, drop
-finished rows (`filter`) and merge with another batch (`concatenate`). The
-scheduler never touches a KV layout or padding.
-
-Layout: rows are left-padded. Prefill writes each row's prefix-tuning KV
-right-aligned in the first `P` columns (raw, no RoPE), then the row's soft
-prompt and tokens right-aligned in the next `Q`. Positions are per row and
-pad-independent: a row's tokens sit at `prefix_len + soft_len + i`, exactly
-what single-request PEFT uses (PEFT-SEMANTICS §2.3, §3).
+Rows join and leave without touching anyone else's KV (it lives in the shared `KVPool`, in each
+row's own blocks). A step packs the rows' new inputs into one sequence — a chunk of a prompt for a
+prefilling row, one token for a decoding row — with no padding, each at its own positions, rows of
+one adapter side by side so a LoRA applies to contiguous runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from server.engine.adapters.base import LoadedAdapter
-from server.engine.adapters.batched import AdapterBatchData
-from server.engine.kv_cache import HEADROOM, KVCache
-from server.engine.runner import ModelRunner
+from server.engine.adapters.batched import AdapterStep, LoraBackendName
+from server.engine.attention import AttentionPlan
+from server.engine.generation import Generation
+from server.engine.kv_cache import KVPool
 
-
-class Row(Protocol):
-    """What a batch needs to know of a row; the scheduler's live request state provides it."""
-
-    prompt_ids: Sequence[int]
-    adapter: LoadedAdapter | None
+Chunk = tuple[Generation, int]  # a row and how many of its inputs it computes this step
 
 
 @dataclass(frozen=True)
-class PrefillShape:
-    """Column counts of a prefill: prefix KV first, then soft prompt + tokens."""
+class StepInputs:
+    """Everything one forward reads, for rows packed in `rows` order."""
 
-    prefix: int  # P: longest prefix-tuning KV among the rows
-    query: int  # Q: longest soft prompt + prompt among the rows
-
-    @classmethod
-    def of(cls, rows: Sequence[Row]) -> PrefillShape:
-        return cls(
-            prefix=max(_prefix_len(r) for r in rows),
-            query=max(_soft_len(r) + len(r.prompt_ids) for r in rows),
-        )
-
-
-def _prefix_len(row: Row) -> int:
-    return 0 if row.adapter is None else row.adapter.prefix_len
-
-
-def _soft_len(row: Row) -> int:
-    return 0 if row.adapter is None else row.adapter.soft_len
-
-
-def kv_columns(row: Row) -> int:
-    """KV columns a row occupies right after its prefill."""
-    return _prefix_len(row) + _soft_len(row) + len(row.prompt_ids)
+    rows: tuple[Chunk, ...]
+    token_ids: torch.Tensor  # [tokens] long; 0 where the input is a soft-prompt vector
+    positions: torch.Tensor  # [tokens] long
+    soft_index: torch.Tensor | None  # [k] long: packed inputs that are soft-prompt vectors
+    soft_embeds: torch.Tensor | None  # [k, hidden]: those vectors
+    attention: AttentionPlan
+    adapters: AdapterStep | None
+    sampled: tuple[Generation, ...]  # rows whose last pending input is computed this step: they sample
+    sample_index: torch.Tensor  # [sampled] long: the packed input whose logits each samples from
 
 
 class Batch:
-    def __init__(
-        self,
-        rows: list[Row],
-        kv: KVCache,
-        attention_mask: torch.Tensor,
-        next_positions: torch.Tensor,
-        next_tokens: torch.Tensor | None = None,
-    ):
-        self.rows = rows
-        self.kv = kv  # per layer [batch, kv_heads, capacity, head_dim]
-        self.attention_mask = attention_mask  # [batch, capacity] long; 1 where a column holds this row's KV
-        self.next_positions = next_positions  # [batch] long: position of the next token each row feeds
-        self.next_tokens = next_tokens  # [batch] long: the token each row feeds next (None before sampling)
-        self._adapter_data: AdapterBatchData | None | bool = False  # False: not built yet
+    """The rows that hold KV; `prepare` turns a step's chunks into `StepInputs`."""
+
+    def __init__(self, pool: KVPool, lora_backend: LoraBackendName = "auto"):
+        self.pool = pool
+        self.lora_backend = lora_backend
+        self.rows: list[Generation] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def length(self) -> int:
-        """KV columns in use (the longest row, with its left padding)."""
-        return self.kv.length
+    def add(self, row: Generation) -> None:
+        """Join: the row's prefix KV (shared with its task's other rows) heads its slots."""
+        adapter = row.adapter
+        if adapter is not None and adapter.prefix_kv is not None:
+            row.kv_slots = self.pool.acquire_prefix(adapter.key, adapter.prefix_kv)
+        else:
+            row.kv_slots = torch.empty(0, dtype=torch.long, device=self.pool.device)
+        self.rows.append(row)
+
+    def drop(self, row: Generation) -> None:
+        """Leave: the row's blocks go back to the pool."""
+        self.rows.remove(row)
+        self.pool.free(row.blocks)
+        row.blocks = []
+        if row.adapter is not None and row.adapter.prefix_kv is not None:
+            self.pool.release_prefix(row.adapter.key)
+        row.kv_slots = None
 
     @property
-    def adapter_data(self) -> AdapterBatchData | None:
-        """Per-step adapter tensors, built once per composition (filter/concatenate make a new Batch)."""
-        if self._adapter_data is False:
-            device = self.attention_mask.device
-            self._adapter_data = AdapterBatchData.build([r.adapter for r in self.rows], device)
-        return self._adapter_data
+    def kv_tokens(self) -> int:
+        """KV columns the rows hold (their blocks, whole; shared prefixes once)."""
+        return (self.pool.capacity_blocks - self.pool.free_blocks) * self.pool.block_size
 
-    # --- building ------------------------------------------------------------------------------
-
-    @classmethod
-    def prefill(cls, rows: list[Row], runner: ModelRunner) -> tuple[Batch, torch.Tensor]:
-        """Run the rows' prompts; returns the batch and the logits of each row's last token, [batch, vocab]."""
-        shape = PrefillShape.of(rows)
-        width = shape.prefix + shape.query
-        batch_size, device = len(rows), runner.device
-        kv = runner.empty_cache(batch=batch_size, capacity=width + HEADROOM)
-        mask = torch.zeros(batch_size, width + HEADROOM, dtype=torch.long, device=device)
-        ids = torch.zeros(batch_size, shape.query, dtype=torch.long, device=device)
-        positions = torch.zeros(batch_size, shape.query, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            prefix, soft, n = _prefix_len(row), _soft_len(row), len(row.prompt_ids)
-            if prefix:
-                for layer, cache in enumerate(kv.layers):
-                    cache.keys[i, :, shape.prefix - prefix : shape.prefix] = row.adapter.prefix_kv[layer, 0]
-                    cache.values[i, :, shape.prefix - prefix : shape.prefix] = row.adapter.prefix_kv[layer, 1]
-                mask[i, shape.prefix - prefix : shape.prefix] = 1
-            mask[i, width - soft - n : width] = 1
-            ids[i, shape.query - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            positions[i, shape.query - soft - n :] = torch.arange(prefix, prefix + soft + n)
-        kv.set_length(shape.prefix)
-        embeds = runner.embed(ids)  # [batch, query, hidden]
-        for i, row in enumerate(rows):
-            if soft := _soft_len(row):
-                start = shape.query - soft - len(row.prompt_ids)
-                embeds[i, start : start + soft] = row.adapter.soft_prompt.to(embeds.dtype)
-        batch = cls(rows, kv, mask, next_positions=positions[:, -1] + 1)
-        logits = runner.forward(
-            inputs_embeds=embeds,
-            position_ids=positions,
-            attention_mask=mask[:, :width],
-            cache=kv,
-            adapters=batch.adapter_data,
+    def prepare(self, chunks: Sequence[Chunk]) -> StepInputs:
+        """The packed inputs of `chunks`, after giving each row the KV blocks its new inputs need."""
+        device = self.pool.device
+        rows = sorted(chunks, key=lambda c: "" if c[0].adapter is None else c[0].adapter.key)  # adapters side by side
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        soft_index: list[int] = []
+        soft_parts: list[torch.Tensor] = []
+        decode_rows: list[tuple[int, torch.Tensor]] = []
+        prefill_rows: list[tuple[int, int, torch.Tensor]] = []
+        sampled: list[Generation] = []
+        sample_index: list[int] = []
+        for row, n in rows:
+            start, first = len(ids), row.computed
+            self._reserve(row, first + n)
+            prefix = row.prefix_len
+            ids += row.input_ids(first, first + n)
+            positions += range(prefix + first, prefix + first + n)
+            slot_parts.append(row.kv_slots[prefix + first : prefix + first + n])
+            soft_end = min(first + n, row.soft_len)
+            if first < soft_end:  # soft-prompt vectors among this chunk's inputs
+                soft_index += range(start, start + soft_end - first)
+                soft_parts.append(row.adapter.soft_prompt[first:soft_end])
+            visible = row.kv_slots[: prefix + first + n]
+            if n == 1:
+                decode_rows.append((start, visible))
+            else:
+                prefill_rows.append((start, start + n, visible))
+            if first + n == row.inputs:
+                sampled.append(row)
+                sample_index.append(start + n - 1)
+        slot_mapping = torch.cat(slot_parts)
+        return StepInputs(
+            rows=tuple(rows),
+            token_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            soft_index=torch.tensor(soft_index, device=device) if soft_index else None,
+            soft_embeds=torch.cat(soft_parts) if soft_parts else None,
+            attention=AttentionPlan.build(self.pool, slot_mapping, decode_rows, prefill_rows),
+            adapters=AdapterStep.build([(r.adapter, n) for r, n in rows], device, self.lora_backend),
+            sampled=tuple(sampled),
+            sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         )
-        return batch, logits
 
-    def decode(self, runner: ModelRunner) -> torch.Tensor:
-        """Feed every row's `next_tokens`; returns logits [batch, vocab]."""
-        end = self.length + 1
-        if end > self.attention_mask.shape[1]:
-            grown = self.attention_mask.new_zeros(len(self), end + HEADROOM)
-            grown[:, : self.attention_mask.shape[1]] = self.attention_mask
-            self.attention_mask = grown
-        self.attention_mask[:, self.length] = 1
-        logits = runner.forward(
-            input_ids=self.next_tokens[:, None],
-            position_ids=self.next_positions[:, None],
-            attention_mask=self.attention_mask[:, :end],
-            cache=self.kv,
-            adapters=self.adapter_data,
-        )
-        self.next_positions = self.next_positions + 1
-        return logits
-
-    # --- reshaping -------------------------------------------------------------------------------
-
-    def filter(self, keep: Sequence[int]) -> Batch:
-        """A batch of rows `keep` (indices into this batch), with leading all-padding columns dropped."""
-        index = torch.tensor(list(keep), dtype=torch.long, device=self.attention_mask.device)
-        mask = self.attention_mask.index_select(0, index)[:, : self.length]
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else self.length
-        kv = self.kv.select(index, start)
-        new_mask = mask.new_zeros(len(keep), kv.capacity)
-        new_mask[:, : self.length - start] = mask[:, start:]
-        batch = Batch(
-            rows=[self.rows[i] for i in keep],
-            kv=kv,
-            attention_mask=new_mask,
-            next_positions=self.next_positions.index_select(0, index),
-            next_tokens=None if self.next_tokens is None else self.next_tokens.index_select(0, index),
-        )
-        if self._adapter_data is not False:  # derive the rows' adapter data instead of rebuilding it
-            data = self._adapter_data
-            batch._adapter_data = None if data is None else data.select(keep, len(self))
-        return batch
-
-    @classmethod
-    def concatenate(cls, batches: Sequence[Batch]) -> Batch:
-        """One batch holding all rows; shorter batches are left-padded to the longest."""
-        batches = [b for b in batches if len(b)]
-        if len(batches) == 1:
-            return batches[0]
-        kv = KVCache.stack([b.kv for b in batches])
-        length = kv.length
-        mask = batches[0].attention_mask.new_zeros(sum(len(b) for b in batches), kv.capacity)
-        row = 0
-        for b in batches:
-            mask[row : row + len(b), length - b.length : length] = b.attention_mask[:, : b.length]
-            row += len(b)
-        return cls(
-            rows=[r for b in batches for r in b.rows],
-            kv=kv,
-            attention_mask=mask,
-            next_positions=torch.cat([b.next_positions for b in batches]),
-            next_tokens=torch.cat([b.next_tokens for b in batches]),
-        )
+    def _reserve(self, row: Generation, inputs: int) -> None:
+        """Enough own blocks for `inputs` computed inputs."""
+        missing = self.pool.blocks_for(inputs) - len(row.blocks)
+        if missing > 0:
+            blocks, slots = self.pool.allocate(missing)
+            row.blocks += blocks
+            row.kv_slots = torch.cat([row.kv_slots, slots])

@@ -1,124 +1,122 @@
-"""A KV cache the batch owns: preallocated per-layer buffers written in place.
+"""The paged KV cache: one pool of key/value slots that every running row draws from.
 
-transformers' `DynamicCache` concatenates on every step, copying the whole
-cache; these buffers grow by a fixed headroom instead, so a decode step writes
-one column. Rows are left-padded: a row's tokens end at `length`, and the
-batch's attention mask says which columns hold something.
+Each layer's keys and values live in `[slots, kv_heads, head_dim]` buffers allocated once. A row
+owns blocks of `block_size` slots, taken as it grows and returned when it ends, so its KV costs
+what it holds and admitting a row copies nobody else's KV. A prefix several rows share (a prefix-
+tuning adapter's KV, a template's leading tokens) is written once into slots of its own and
+listed at the head of each of those rows' slots. Slot 0 is the null slot: always zeros, the
+padding that gathers read past a row's end (never stale memory, which could hold NaN).
+
+The pool is reserved from `torch.empty`: on a CPU only the pages that rows touch become resident,
+and the free list hands out the lowest blocks first so they stay few.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+import math
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-
-HEADROOM = 64  # columns allocated past the current need; a regrow copies once per this many steps
 
 
-class KVLayer(CacheLayerMixin):
-    """One layer's keys and values: `[batch, kv_heads, capacity, head_dim]`, valid up to `length`."""
-
-    is_sliding = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self.keys, self.values, self.length = keys, values, length
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass  # allocated up front
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states: [batch, kv_heads, new, head_dim], already rotated by the model
-        new = key_states.shape[2]
-        end = self.length + new
-        if end > self.keys.shape[2]:
-            self.keys, self.values = (_regrow(t, end + HEADROOM) for t in (self.keys, self.values))
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
+class KVPoolFull(RuntimeError):
+    """More blocks were asked for than are free; the scheduler's reservations prevent it."""
 
 
-def _regrow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
-    grown[:, :, : buffer.shape[2]] = buffer
-    return grown
+@dataclass
+class _SharedPrefix:
+    slots: torch.Tensor  # [n] long
+    blocks: list[int]
+    users: int = 0
 
 
-class KVCache(Cache):
-    """All layers of a batch's cache; every layer has the same length."""
+class KVPool:
+    """Key/value slots for all layers, handed out in blocks."""
 
-    layers: list[KVLayer]
-
-    def __init__(self, layers: list[KVLayer]):
-        super().__init__(layers=layers)
-
-    @classmethod
-    def empty(cls, *, batch: int, capacity: int, layers: int, kv_heads: int, head_dim: int, device, dtype) -> KVCache:
-        def buffer() -> torch.Tensor:
-            return torch.zeros(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
-
-        return cls([KVLayer(buffer(), buffer(), length=0) for _ in range(layers)])
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        tokens: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.block_size = block_size
+        self.num_blocks = math.ceil(tokens / block_size) + 1  # + the null block
+        shape = (layers, self.num_blocks * block_size, kv_heads, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # [layers, slots, kv_heads, head_dim]
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.keys[:, :block_size].zero_()  # the null block
+        self.values[:, :block_size].zero_()
+        self.device = device
+        self._free = list(range(1, self.num_blocks))  # a heap: lowest block first
+        self._shared: dict[str, _SharedPrefix] = {}
+        self._offsets = torch.arange(block_size, device=device)
 
     @property
-    def length(self) -> int:
-        return self.layers[0].length
+    def free_blocks(self) -> int:
+        return len(self._free)
 
     @property
-    def capacity(self) -> int:
-        return self.layers[0].keys.shape[2]
+    def capacity_blocks(self) -> int:
+        return self.num_blocks - 1
 
-    def set_length(self, length: int) -> None:
-        for layer in self.layers:
-            layer.length = length
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
 
-    def select(self, rows: torch.Tensor, start: int) -> KVCache:
-        """Rows `rows`, columns `start:length`, copied into fresh buffers with headroom."""
-        span = self.length - start
-        out = []
-        for layer in self.layers:
-            keys, values = (
-                _with_capacity(t.index_select(0, rows)[:, :, start : self.length], span + HEADROOM)
-                for t in (layer.keys, layer.values)
-            )
-            out.append(KVLayer(keys, values, length=span))
-        return KVCache(out)
+    # --- blocks ----------------------------------------------------------------------------------
 
-    @classmethod
-    def stack(cls, caches: Sequence[KVCache]) -> KVCache:
-        """Concatenate rows, right-aligning each cache's columns to the longest one."""
-        length = max(c.length for c in caches)
-        out = []
-        for i in range(len(caches[0].layers)):
-            parts = [(c.layers[i].keys, c.layers[i].values, c.length) for c in caches]
-            keys, values = (_right_aligned([(p[j], p[2]) for p in parts], length + HEADROOM, length) for j in (0, 1))
-            out.append(KVLayer(keys, values, length=length))
-        return cls(out)
+    def allocate(self, blocks: int) -> tuple[list[int], torch.Tensor]:
+        """`blocks` free blocks and their slots, [blocks * block_size] long, in order."""
+        if blocks > len(self._free):
+            raise KVPoolFull(f"asked for {blocks} KV blocks, {len(self._free)} are free")
+        taken = [heapq.heappop(self._free) for _ in range(blocks)]
+        return taken, self.slots_of(taken)
 
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            heapq.heappush(self._free, block)
 
-def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
-    out[:, :, : t.shape[2]] = t
-    return out
+    def slots_of(self, blocks: list[int]) -> torch.Tensor:
+        index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        return (index[:, None] * self.block_size + self._offsets).flatten()
 
+    # --- shared prefixes ---------------------------------------------------------------------------
 
-def _right_aligned(parts: list[tuple[torch.Tensor, int]], capacity: int, length: int) -> torch.Tensor:
-    first = parts[0][0]
-    rows = sum(t.shape[0] for t, _ in parts)
-    out = first.new_zeros(rows, first.shape[1], capacity, first.shape[3])
-    row = 0
-    for t, used in parts:
-        out[row : row + t.shape[0], :, length - used : length] = t[:, :, :used]
-        row += t.shape[0]
-    return out
+    def acquire_prefix(self, key: str, kv: torch.Tensor) -> torch.Tensor:
+        """Slots holding `kv` ([layers, 2, kv_heads, n, head_dim]), written on first use; one more user."""
+        shared = self._shared.get(key)
+        if shared is None:
+            n = kv.shape[3]
+            blocks, slots = self.allocate(self.blocks_for(n))
+            slots = slots[:n]
+            self.keys[:, slots] = kv[:, 0].transpose(1, 2).to(self.keys.dtype)  # [layers, n, kv_heads, head_dim]
+            self.values[:, slots] = kv[:, 1].transpose(1, 2).to(self.values.dtype)
+            shared = self._shared[key] = _SharedPrefix(slots=slots, blocks=blocks)
+        shared.users += 1
+        return shared.slots
+
+    def release_prefix(self, key: str) -> None:
+        shared = self._shared[key]
+        shared.users -= 1
+        if shared.users == 0:
+            del self._shared[key]
+            self.free(shared.blocks)
+
+    # --- reads and writes, per layer -------------------------------------------------------------------
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values [n, kv_heads, head_dim] into `slots` [n]."""
+        self.keys[layer].index_copy_(0, slots, keys)
+        self.values[layer].index_copy_(0, slots, values)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values at `slots` (any shape S) -> [*S, kv_heads, head_dim] each."""
+        flat = slots.reshape(-1)
+        keys = self.keys[layer].index_select(0, flat)
+        values = self.values[layer].index_select(0, flat)
+        return keys.view(*slots.shape, *keys.shape[1:]), values.view(*slots.shape, *values.shape[1:])

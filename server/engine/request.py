@@ -45,6 +45,16 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under its row's own distribution (after its adapter, before
+    temperature, top-k/top-p and penalties), with the `top` most likely tokens of that distribution."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """One step's output for one request; the last one carries `finish_reason`."""
 
@@ -55,3 +65,4 @@ class TokenDelta:
     completion_tokens: int = 0
     task_version: str | None = None  # the adapter key the row ran on, e.g. "summarise@3"
     error: str | None = None  # set with finish_reason "error"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them

@@ -37,6 +37,7 @@ from adapters_store.format import (
 )
 from adapters_store.memory import MemoryStore
 from server.engine.adapters import AdapterError, LoadedAdapter, Placement, load_adapter, load_peft_files
+from server.engine.adapters.pool import AdapterPool
 from server.engine.adapters.template import load_template
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, EngineError, UnknownTask
@@ -93,6 +94,7 @@ class Residency:
     ):
         self._backbone = backbone
         self._placement = Placement(device=backbone.device, dtype=backbone.dtype)
+        self.pool = AdapterPool(backbone.geometry, backbone.device)  # where resident LoRA and IA³ weights live
         self.store = store if store is not None else MemoryStore()  # in-process tasks when no store is configured
         self.device_budget, self.host_budget = device_bytes, host_bytes
         self._current: dict[str, int] = {}  # task id -> current version, kept fresh by the store's notifications
@@ -185,11 +187,14 @@ class Residency:
                 entry.nbytes = adapter_bytes(adapter, self._backbone)
                 self._make_room(entry)
                 self.stats.loads += 1
+                self._update_stats()
+            adapter = self.pool.install(adapter)
         except BaseException as exc:
             with self._lock:
                 self.stats.failures += 1
                 if self._device.get(entry.key) is entry:
                     del self._device[entry.key]
+                self._update_stats()
             entry.loaded.set_exception(exc)
             return
         entry.loaded.set_result(adapter)
@@ -223,27 +228,29 @@ class Residency:
                 f"{incoming.key} needs {incoming.nbytes} bytes, over the device adapter budget of {self.device_budget}"
             )
         for key in list(self._device):
-            if self._resident_bytes() + incoming.nbytes <= self.device_budget:
+            if self._resident_bytes(besides=incoming) + incoming.nbytes <= self.device_budget:
                 break
             entry = self._device[key]
             if entry is not incoming and entry.pins == 0 and entry.loaded.done():
                 self._drop(entry)
                 self.stats.evictions += 1
-        if self._resident_bytes() + incoming.nbytes > self.device_budget:
+        if self._resident_bytes(besides=incoming) + incoming.nbytes > self.device_budget:
             raise ResidencyFull("running requests pin the whole device adapter budget; retry shortly")
-        self._update_stats(extra=incoming.nbytes)
 
-    def _resident_bytes(self) -> int:
-        return sum(e.nbytes for e in self._device.values() if e.loaded.done() and not e.loaded.exception())
+    def _resident_bytes(self, besides: _Entry | None = None) -> int:
+        """Bytes of the versions on the device or on their way (a load counts once it has made room)."""
+        return sum(e.nbytes for e in self._device.values() if e is not besides)
 
     def _drop(self, entry: _Entry) -> None:
         if self._device.get(entry.key) is entry:
             del self._device[entry.key]  # the tensors go with the last reference (running rows hold none)
+            if entry.loaded.done() and entry.loaded.exception() is None:
+                self.pool.release(entry.loaded.result())
         self._update_stats()
 
-    def _update_stats(self, extra: int = 0) -> None:
-        self.stats.device_bytes = self._resident_bytes() + extra
-        self.stats.resident = sum(1 for e in self._device.values() if e.loaded.done()) + (1 if extra else 0)
+    def _update_stats(self) -> None:
+        self.stats.device_bytes = self._resident_bytes()
+        self.stats.resident = sum(1 for e in self._device.values() if e.nbytes)
 
     # --- uploads and changes --------------------------------------------------------------------
 
@@ -272,12 +279,12 @@ class Residency:
         )
         key = f"{task_id}@{info.version}"
         entry = _Entry(key=key, loaded=Future())
-        entry.loaded.set_result(replace(adapter, key=key))
         with self._lock:
             entry.nbytes = adapter_bytes(adapter, self._backbone)
             if entry.nbytes <= self.device_budget:
                 try:
                     self._make_room(entry)
+                    entry.loaded.set_result(self.pool.install(replace(adapter, key=key)))
                     self._device[key] = entry  # warm on this replica
                 except ResidencyFull:
                     pass

@@ -1,73 +1,86 @@
-"""One forward pass of the frozen backbone over a batch, with per-row adapters applied."""
+"""One forward pass of the frozen backbone over a step's packed rows, then sampling."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from server.engine.adapters.batched import LORA_BACKENDS, AdapterBatchData, AdapterHooks
+import torch
+from transformers import DynamicCache
+
+from server.engine import attention
+from server.engine.adapters.batched import AdapterHooks
+from server.engine.adapters.pool import AdapterPool
 from server.engine.backbone import Backbone
-from server.engine.kv_cache import KVCache
+from server.engine.batch import Batch, StepInputs
+from server.engine.generation import Generation
+from server.engine.request import TokenLogprob
+from server.engine.sampling import sample
+from server.engine.scheduler import StepPlan
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What one step produced: a token for each row that sampled, in `rows` order."""
+
+    rows: tuple[Generation, ...]
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob | None, ...]  # per row; None where the request did not ask
 
 
 class ModelRunner:
-    """Owns the hooks on the backbone and turns batch tensors into last-token logits."""
+    """Owns the backbone's attention and adapter hooks; `execute(plan, batch)` is one step's arithmetic."""
 
-    def __init__(self, backbone: Backbone, lora_backend: str = "bmm"):
+    def __init__(self, backbone: Backbone, pool: AdapterPool):
         self.backbone = backbone
         self.device = backbone.device
-        self.hooks = AdapterHooks(backbone.model, list(backbone.geometry.linear_modules), LORA_BACKENDS[lora_backend]())
+        attention.register()
+        backbone.model.set_attn_implementation(attention.ATTENTION)
+        self.hooks = AdapterHooks(backbone.model, pool)
 
-    def empty_cache(self, *, batch: int, capacity: int) -> KVCache:
-        g = self.backbone.geometry
-        return KVCache.empty(
-            batch=batch,
-            capacity=capacity,
-            layers=g.num_layers,
-            kv_heads=g.num_kv_heads,
-            head_dim=g.head_dim,
-            device=self.device,
-            dtype=self.backbone.dtype,
-        )
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, batch: Batch) -> RunnerOutput:
+        inputs = batch.prepare(plan.chunks)
+        logits = self.forward(inputs)  # [sampled, vocab] fp32
+        rows = inputs.sampled
+        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        return RunnerOutput(rows=rows, tokens=tuple(tokens.tolist()), logprobs=_logprobs(logits, rows, tokens))
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [sampled, vocab] fp32 at the inputs rows sample from; every row's new KV is written."""
+        embeds = self.backbone.embedding(inputs.token_ids)  # [tokens, hidden]
+        if inputs.soft_index is not None:
+            embeds.index_copy_(0, inputs.soft_index, inputs.soft_embeds.to(embeds.dtype))
+        with self.hooks.active(inputs.adapters):
+            out = self.backbone.model(
+                inputs_embeds=embeds[None],
+                position_ids=inputs.positions[None],
+                use_cache=False,
+                logits_to_keep=inputs.sample_index,
+                **{attention.PLAN_KWARG: inputs.attention},
+            )
+        return out.logits[0].float()
 
     @torch.inference_mode()
     def prefix_kv(self, token_ids: tuple[int, ...]) -> torch.Tensor:
         """The KV of `token_ids` at positions 0..n-1, base model: [layers, 2, kv_heads, n, head_dim]."""
-        n = len(token_ids)
-        cache = self.empty_cache(batch=1, capacity=n)
-        self.forward(
-            input_ids=torch.tensor([token_ids], device=self.device),
-            position_ids=torch.arange(n, device=self.device)[None],
-            attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-            cache=cache,
-            adapters=None,
-        )
-        return torch.stack([torch.stack([layer.keys[0, :, :n], layer.values[0, :, :n]]) for layer in cache.layers])
+        cache = DynamicCache(config=self.backbone.config)
+        self.backbone.model(input_ids=torch.tensor([token_ids], device=self.device), cache=cache, use_cache=True)
+        return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
-    @torch.inference_mode()
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [batch, seq] -> input embeddings [batch, seq, hidden], as the model would look them up."""
-        return self.backbone.embedding(ids)
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        *,
-        position_ids: torch.Tensor,  # [batch, seq]
-        attention_mask: torch.Tensor,  # [batch, cached + seq]
-        cache: KVCache,
-        adapters: AdapterBatchData | None,
-        input_ids: torch.Tensor | None = None,  # [batch, seq]
-        inputs_embeds: torch.Tensor | None = None,  # [batch, seq, hidden]
-    ) -> torch.Tensor:
-        """Logits of each row's last position, [batch, vocab] fp32; the cache grows by `seq` columns."""
-        with self.hooks.active(adapters):
-            out = self.backbone.model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1].float()
+def _logprobs(logits: torch.Tensor, rows, tokens: torch.Tensor) -> tuple[TokenLogprob | None, ...]:
+    """The chosen token's raw log-probability (and the top-k) for the rows that asked."""
+    wanted = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return tuple(out)
+    index = torch.tensor(wanted, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [wanted, vocab]
+    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
+    k = max(rows[i].sampling.logprobs for i in wanted)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    for j, i in enumerate(wanted):
+        n = rows[i].sampling.logprobs
+        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist()))
+        out[i] = TokenLogprob(token=int(tokens[i]), logprob=chosen[j], top=top)
+    return tuple(out)

@@ -15,6 +15,7 @@ from operator import attrgetter
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts unsigned 64-bit seeds
 
 # Reads every row's temperature in C (map + attrgetter): an all-greedy batch, the hot path,
@@ -40,6 +41,8 @@ class SamplingParams:
     """Stop strings, matched on detokenised text; the output ends just before the first one."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks)."""
+    logprobs: int | None = None
+    """Return each sampled token's log-probability and this many most likely alternatives (0-20); None: no."""
 
     def __post_init__(self) -> None:
         # Normalise a list of stops to a tuple so the params stay hashable; a bare str would
@@ -57,6 +60,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < _SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:

@@ -1,4 +1,4 @@
-"""Adapter loading: what we refuse (and why, by name), LoRA scaling, prefix layout, batched LoRA == per-row."""
+"""Adapter loading: what we refuse (and why, by name), LoRA scaling, prefix layout."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_llama
-from torch import nn
 
-from server.engine.adapters import AdapterError, LoadedAdapter, Placement, load_adapter, read_peft_dir
-from server.engine.adapters.base import Ia3Module, LoraModule
-from server.engine.adapters.batched import AdapterBatchData, AdapterHooks, BmmLoraBackend, LoopLoraBackend
+from server.engine.adapters import AdapterError, Placement, load_adapter, read_peft_dir
 from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
 
@@ -267,100 +264,3 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     for layer in range(layers):
         assert torch.equal(cache.layers[layer].keys[0], loaded.prefix_kv[layer, 0])
         assert torch.equal(cache.layers[layer].values[0], loaded.prefix_kv[layer, 1])
-
-
-# --- batched LoRA == per-row reference ------------------------------------------------------------
-
-
-def _lora(key: str, shapes: dict[str, tuple[int, int, int]], seed: int, scaling: float) -> LoadedAdapter:
-    g = torch.Generator().manual_seed(seed)
-    modules = {
-        name: LoraModule(
-            a=torch.randn(rank, n_in, generator=g), b=torch.randn(n_out, rank, generator=g), scaling=scaling
-        )
-        for name, (rank, n_in, n_out) in shapes.items()
-    }
-    return LoadedAdapter(key=key, kind="lora", lora=modules)
-
-
-def _ia3(key: str, seed: int) -> LoadedAdapter:
-    g = torch.Generator().manual_seed(seed)
-    return LoadedAdapter(
-        key=key,
-        kind="ia3",
-        ia3={
-            "0": Ia3Module(vector=torch.rand(16, generator=g) + 0.5, on_input=True),
-            "2": Ia3Module(vector=torch.rand(8, generator=g) + 0.5, on_input=False),
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).eval()
-    hooks = {
-        name: AdapterHooks(model, ["0", "2"], backend())
-        for name, backend in (("bmm", BmmLoraBackend), ("loop", LoopLoraBackend))
-    }
-    yield model, hooks
-    for h in hooks.values():
-        h.remove()
-
-
-LORA_A = _lora("a@1", {"0": (2, 16, 24), "2": (3, 24, 8)}, seed=1, scaling=2.0)
-LORA_B = _lora("b@1", {"0": (5, 16, 24)}, seed=2, scaling=0.5)  # layer 0 only, higher rank
-LORA_C = _lora("c@1", {"2": (1, 24, 8)}, seed=3, scaling=1.5)  # layer 2 only, rank 1
-IA3 = _ia3("d@1", seed=4)
-
-
-@pytest.mark.parametrize(
-    "rows",
-    [
-        [LORA_A, None, LORA_B, LORA_A, IA3, None, LORA_C],  # mixed ranks, layers, kinds, and plain rows
-        [LORA_B, LORA_A, LORA_B],  # every row has LoRA on layer 0: the no-gather path
-        [None, LORA_C, None],
-    ],
-    ids=["mixed", "all-rows", "one-row"],
-)
-def test_batched_lora_equals_the_per_row_reference(mlp, rows):
-    model, hooks = mlp
-    x = torch.randn(len(rows), 3, 16, generator=torch.Generator().manual_seed(7))
-    data = AdapterBatchData.build(rows, torch.device("cpu"))
-    with torch.inference_mode():
-        base = model(x)
-        outputs = {}
-        for name, h in hooks.items():
-            with h.active(data):
-                outputs[name] = model(x)
-    for i, row in enumerate(rows):
-        if row is None:  # exactly the base model, whatever shares the batch
-            assert torch.equal(outputs["bmm"][i], base[i]) and torch.equal(outputs["loop"][i], base[i])
-        else:  # sanity: the adapter does something
-            assert not torch.allclose(outputs["loop"][i], base[i], atol=1e-3)
-    torch.testing.assert_close(outputs["bmm"], outputs["loop"], atol=1e-5, rtol=1e-5)
-    # and a row's result does not depend on its mates: each row alone through the reference path
-    for i, row in enumerate(rows):
-        with torch.inference_mode(), hooks["loop"].active(AdapterBatchData.build([row], torch.device("cpu"))):
-            alone = model(x[i : i + 1])
-        torch.testing.assert_close(outputs["bmm"][i], alone[0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("keep", [[0, 2, 3], [1, 4], [6], [5, 1], list(range(7))])
-def test_selecting_rows_of_adapter_data_equals_building_it_for_them(mlp, keep):
-    """Batch.filter derives the kept rows' adapter data; it must be what a fresh build gives."""
-    rows = [LORA_A, None, LORA_B, LORA_A, IA3, None, LORA_C]
-    model, hooks = mlp
-    x = torch.randn(len(keep), 3, 16)
-    outputs = []
-    built = AdapterBatchData.build([rows[i] for i in keep], x.device)
-    derived = AdapterBatchData.build(rows, x.device).select(keep, len(rows))
-    assert (built is None) == (derived is None)
-    if built is None:
-        return
-    assert built.layers.keys() == derived.layers.keys()
-    with torch.inference_mode():
-        for data in (built, derived):
-            with hooks["bmm"].active(data):
-                outputs.append(model(x))
-    assert torch.equal(outputs[-2], outputs[-1])

@@ -12,9 +12,9 @@ from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
 from server.engine.adapters.template import render_ids
 from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
+from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 
 KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3")
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]

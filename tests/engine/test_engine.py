@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
-import queue
 import time
 from dataclasses import dataclass
 
@@ -14,11 +13,13 @@ import torch
 from peft_reference import EOS_ID, make_adapter, peft_greedy, tiny_llama
 
 from server.config import EngineSettings
+from server.engine import engine as engine_module
 from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
+from server.engine.engine import Engine
+from server.engine.generation import Generation
 from server.engine.request import GenerationRequest, InvalidRequest, QueueFull, TokenDelta, UnknownTask
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine, Generation
 
 P0, P1, P2, P3 = (5, 17, 33, 8, 91, 4), (12, 7), tuple(range(100, 110)), (44, 45, 46)
 LONG = tuple(range(20, 50))
@@ -137,7 +138,7 @@ def test_a_full_queue_refuses_and_the_running_batch_is_unaffected(make_engine):
     rejected = Sink()
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.submit(req(P2), rejected)
-    assert len(engine.scheduler.waiting) == 2
+    assert len(engine.waiting) == 2
     engine.run_until_idle()
     assert [g.output_ids for g in generations] == expected
     assert [len(g.output_ids) for g in queued] == [3, 3]
@@ -148,7 +149,7 @@ LONG_PROMPT = tuple(3 + i % 250 for i in range(500))
 BAD_REQUESTS = [
     (req(LONG_PROMPT, max_new_tokens=20), InvalidRequest, r"500 tokens.*20.*exceeds the context length of 512"),
     (req(LONG_PROMPT, "prefix", max_new_tokens=8), InvalidRequest, r"500 tokens \+ 6 virtual.*context length"),
-    (req(LONG_PROMPT[:300], max_new_tokens=10), InvalidRequest, r"needs 310 KV columns; the server allows 300"),
+    (req(LONG_PROMPT[:300], max_new_tokens=10), InvalidRequest, r"needs 310 KV columns; the server holds 300"),
     (req(P0, max_new_tokens=33), InvalidRequest, r"max_new_tokens=33 exceeds this server's limit of 32"),
     (req(()), InvalidRequest, "the prompt is empty"),
     (req((5, 256)), InvalidRequest, r"prompt token ids must lie in \[0, 256\)"),
@@ -169,41 +170,36 @@ def test_bad_requests_are_refused_and_running_rows_are_unaffected(make_engine):
         sink = Sink()
         with pytest.raises(error, match=message):
             engine.submit(request, sink)
-        assert sink == [] and not engine.scheduler.waiting
+        assert sink == [] and not engine.waiting
     engine.run_until_idle()
     assert [g.output_ids for g in generations] == expected
 
 
-def test_admission_respects_the_row_and_kv_budgets(make_engine):
-    short, long = (P3, 6), (tuple(range(60, 74)), 12)  # each long row may grow to 14 + 12 = 26 columns
+def test_admission_respects_the_row_and_kv_budgets(make_engine, monkeypatch):
+    short, long = (P3, 6), (tuple(range(60, 74)), 12)  # a long row reserves 14 + 12 = 26 columns: 2 blocks of 16
     requests = [req(p, task, max_new_tokens=n) for (p, n), task in zip([short, long] * 4, ["base", "lora"] * 4)]
     expected = run(make_engine(), requests)
-    max_rows, max_kv = 3, 80  # short, long, short fit (3 * 26 columns); a third row next to two old longs does not
+    max_rows, max_kv = 3, 64  # 4 blocks: short (1) + long (2) + short (1) fit; two longs and a short do not
     engine = make_engine(max_batch_size=max_rows, max_kv_tokens=max_kv)
-    forwards, held_back = [], []
-    forward, schedule = engine.runner.forward, engine.scheduler.schedule
+    plans, held_back = [], []
+    schedule = engine_module.schedule
 
-    def spy_forward(**kwargs):
-        forwards.append(tuple(kwargs["attention_mask"].shape))  # [rows, columns]
-        return forward(**kwargs)
-
-    def spy_schedule(running):
-        rows, waiting = len(running) if running else 0, len(engine.scheduler.waiting)
-        plan = schedule(running)
-        held_back.append(waiting and not plan.prefill and rows < max_rows)  # only the KV budget stops it
+    def spy(waiting, running, limits):
+        plan = schedule(waiting, running, limits)
+        plans.append(plan)
+        if waiting and not plan.admitted and len(running) < max_rows:
+            held_back.append(plan)  # only the KV reservations stop it
         return plan
 
-    engine.runner.forward, engine.scheduler.schedule = spy_forward, spy_schedule
+    monkeypatch.setattr(engine_module, "schedule", spy)
     generations = [engine.submit(r, Sink()) for r in requests]
     rows_seen = []
-    while engine.running is not None or engine.scheduler.waiting:
+    while engine.running or engine.waiting:
         engine.step()
-        if engine.running is not None:
-            rows_seen.append(len(engine.running))
-            assert len(engine.running) <= max_rows
-            assert len(engine.running) * engine.running.length <= max_kv
-    assert all(rows <= max_rows and rows * columns <= max_kv for rows, columns in forwards)
-    assert max(rows_seen) == max_rows and any(held_back)  # both budgets did bind
+        rows_seen.append(len(engine.running))
+        assert len(engine.running) <= max_rows
+        assert engine.pool.capacity_blocks - engine.pool.free_blocks <= plans[-1].reserved_blocks <= 4
+    assert max(rows_seen) == max_rows and held_back  # both budgets did bind
     assert [g.output_ids for g in generations] == expected
 
 
@@ -223,7 +219,7 @@ def test_cancelling_a_running_row(make_engine):
     waiting = Sink()
     engine.submit(req(P3), waiting).cancel()  # cancelled before it was ever admitted
     engine.step()
-    assert len(engine.running) == 2 and generations[1] not in engine.running.rows
+    assert len(engine.running) == 2 and generations[1] not in engine.running
     last = sinks[1][-1]
     assert (last.finish_reason, last.token_ids, last.completion_tokens) == ("cancelled", [], 3)
     assert [(d.finish_reason, d.token_ids) for d in waiting] == [("cancelled", [])]
@@ -242,9 +238,9 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
         generations[request.request_id] = submit(request, sink, lease)
         return generations[request.request_id]
 
-    def slow_forward(**kwargs):
+    def slow_forward(inputs):
         time.sleep(0.002)  # the long row cannot finish its 400 tokens before we leave
-        return forward(**kwargs)
+        return forward(inputs)
 
     engine.submit, engine.runner.forward = spy_submit, slow_forward
     engine.start()
@@ -257,9 +253,9 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
             break
     gone = generations[leaver.request_id]
     deadline = time.monotonic() + TIMEOUT
-    while engine.running is not None and gone in engine.running.rows and time.monotonic() < deadline:
+    while gone in engine.running and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert gone.cancelled and (engine.running is None or gone not in engine.running.rows)
+    assert gone.cancelled and gone not in engine.running
     assert len(gone.output_ids) < 400
     assert await asyncio.wait_for(other, TIMEOUT) == expected
 
@@ -314,29 +310,70 @@ def test_seeded_sampling_ignores_batch_mates(make_engine):
 # --- faults ----------------------------------------------------------------------------------------
 
 
-def test_a_failing_forward_errors_its_streams_and_the_engine_keeps_serving(make_engine):
-    expected = run(make_engine(), [req(P2, "lora", max_new_tokens=8)])[0]
-    engine = make_engine()
+def _poison(engine: Engine, fails) -> list[int]:
+    """Make the forward raise whenever `fails(inputs)`; returns how many forwards ran."""
     forward, calls = engine.runner.forward, []
 
-    def faulty(**kwargs):
+    def faulty(inputs):
         calls.append(1)
-        if len(calls) == 2:  # the first decode step, after both rows have their first token
+        if fails(inputs):
             raise RuntimeError("injected fault")
-        return forward(**kwargs)
+        return forward(inputs)
 
     engine.runner.forward = faulty
-    streams = [queue.Queue(), queue.Queue()]
-    engine.submit(req(P0, max_new_tokens=20), streams[0].put)
-    engine.submit(req(P1, "prefix", max_new_tokens=20), streams[1].put)
+    return calls
+
+
+def _ends(sink: Sink) -> list[tuple[str, str | None]]:
+    return [(d.finish_reason, d.error) for d in sink.finals]
+
+
+def test_a_decode_fault_ends_only_the_row_it_comes_from(make_engine):
+    requests = [req(P0, max_new_tokens=12), req(P1, "prefix", max_new_tokens=12), req(P2, "lora", max_new_tokens=12)]
+    expected = run(make_engine(), requests)
+    engine = make_engine()
+    sinks = [Sink() for _ in requests]
+    rows = [engine.submit(r, s) for r, s in zip(requests, sinks)]
+    bad = rows[2]
+    _poison(engine, lambda inputs: any(r is bad for r, _ in inputs.rows) and len(bad.output_ids) >= 3)
+    engine.run_until_idle()
+    assert [g.output_ids for g in rows[:2]] == expected[:2]  # the others ran on with the right tokens
+    assert bad.output_ids == expected[2][:3] and sinks[2].tokens == expected[2][:3]
+    assert _ends(sinks[2]) == [("error", "RuntimeError: injected fault")]
+    assert [_ends(s) for s in sinks[:2]] == [[("length", None)], [("length", None)]]
+    engine.start()  # and the engine goes on serving
+    assert engine.complete(req(P2, "lora", max_new_tokens=12), timeout=TIMEOUT).token_ids == expected[2]
+
+
+def test_a_prefill_fault_ends_only_the_rows_being_prefilled(make_engine):
+    running, arriving = [req(P0, max_new_tokens=12), req(P1, "lora", max_new_tokens=12)], req(LONG, "prefix")
+    expected = run(make_engine(), running)
+    engine = make_engine(max_step_tokens=8)  # the long prompt is prefilled in chunks beside the decoding rows
+    sinks = [Sink(), Sink()]
+    rows = [engine.submit(r, s) for r, s in zip(running, sinks)]
+    engine.step()
+    arrival_sink = Sink()
+    arrival = engine.submit(arriving, arrival_sink)
+    _poison(engine, lambda inputs: any(r is arrival for r, _ in inputs.rows) and arrival.computed >= 16)
+    engine.run_until_idle()
+    assert arrival.output_ids == [] and _ends(arrival_sink) == [("error", "RuntimeError: injected fault")]
+    assert [g.output_ids for g in rows] == expected
+
+
+def test_a_passing_fault_costs_a_retry_not_rows(make_engine):
+    requests = [req(P0, max_new_tokens=8), req(P1, "prefix", max_new_tokens=8), req(P2, "lora", max_new_tokens=8)]
+    expected = run(make_engine(), requests)
+    engine = make_engine()
+    sinks = [Sink() for _ in requests]
+    rows = [engine.submit(r, s) for r, s in zip(requests, sinks)]
+    calls = _poison(engine, lambda inputs: len(calls) == 3)  # the second decode step fails once
     engine.start()
-    for stream in streams:
-        first, last = stream.get(timeout=TIMEOUT), stream.get(timeout=TIMEOUT)
-        assert first.finish_reason is None and len(first.token_ids) == 1
-        assert (last.finish_reason, last.token_ids) == ("error", []) and "injected fault" in last.error
-    result = engine.complete(req(P2, "lora", max_new_tokens=8), timeout=TIMEOUT)
-    assert (result.finish_reason, result.token_ids) == ("length", expected)
-    assert all(stream.empty() for stream in streams)  # one end per stream
+    for sink in sinks:
+        deadline = time.monotonic() + TIMEOUT
+        while not sink.finals and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [g.output_ids for g in rows] == expected
+    assert all(_ends(s) == [("length", None)] for s in sinks)
 
 
 # --- finish reasons --------------------------------------------------------------------------------
@@ -374,7 +411,7 @@ def test_a_request_that_finishes_at_its_first_token_alone(make_engine):
     sink = Sink()
     engine.submit(req(P0, max_new_tokens=1), sink)
     engine.run_until_idle()
-    assert [d.finish_reason for d in sink] == ["length"] and engine.running is None
+    assert [d.finish_reason for d in sink] == ["length"] and not engine.running
 
 
 def test_stopping_the_engine_ends_waiting_streams(make_engine):
@@ -403,6 +440,6 @@ async def test_dropping_an_unread_stream_cancels_the_row(make_engine):
     del stream  # e.g. the HTTP client went away before the first chunk
     gc.collect()
     deadline = time.monotonic() + TIMEOUT
-    while (engine.running is not None or engine.scheduler.waiting) and time.monotonic() < deadline:
+    while (engine.running or engine.waiting) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert all(g.cancelled and len(g.output_ids) < 400 for g in generations)

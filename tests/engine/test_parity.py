@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
+from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 
 PROMPTS = [[5, 17, 33, 8, 91, 4], [12, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 3], [44, 45, 46]]
 NEW_TOKENS = 12

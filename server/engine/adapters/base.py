@@ -35,6 +35,15 @@ class Ia3Module:
     on_input: bool  # feed-forward modules scale the layer's input, the others its output
 
 
+@dataclass(frozen=True)
+class PoolSlots:
+    """Where a resident adapter's per-layer weights sit in the device pool: family -> slot."""
+
+    lora: dict[str, int] = field(default_factory=dict)
+    ia3_in: dict[str, int] = field(default_factory=dict)
+    ia3_out: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass
 class LoadedAdapter:
     """One task version's parameters on the device, in the form the engine applies them.
@@ -47,8 +56,11 @@ class LoadedAdapter:
     kind: str
     soft_prompt: torch.Tensor | None = None  # [virtual_tokens, hidden]
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, virtual_tokens, head_dim]
+    # per-step weights, parsed on the host; `AdapterPool.install` moves them into `slots` on the device
     lora: dict[str, LoraModule] = field(default_factory=dict)  # by module name
     ia3: dict[str, Ia3Module] = field(default_factory=dict)  # by module name
+    slots: PoolSlots | None = None
+    pooled_bytes: int = 0  # the per-step weights' bytes, once they live in the pool
     # template tasks: the fixed leading tokens, whose KV the engine computes once into `prefix_kv`
     template: Any = None  # adapters_store.format.Template: how a request's input is rendered
     template_ids: tuple[int, ...] = ()
@@ -66,11 +78,16 @@ class LoadedAdapter:
         return len(self.template_ids) if self.prefix_kv is None else self.prefix_kv.shape[3]
 
     @property
+    def per_step(self) -> bool:
+        """Whether every forward must apply this adapter (LoRA, IA³), not only the prefill."""
+        return bool(self.lora or self.ia3 or self.slots)
+
+    @property
     def nbytes(self) -> int:
         tensors = [self.soft_prompt, self.prefix_kv]
         tensors += [t for m in self.lora.values() for t in (m.a, m.b)]
         tensors += [m.vector for m in self.ia3.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return self.pooled_bytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def parameters(self) -> int:

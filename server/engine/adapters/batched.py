@@ -1,8 +1,16 @@
-"""Per-step adapter data and the hooks that apply it inside the backbone's linear layers.
+"""Per-step adapter data, and the hooks that apply it inside the backbone's linear layers.
 
-Long-lived weights (`LoadedAdapter`) stay apart from what one step needs:
-`AdapterBatchData` is built once per batch composition and is the only thing a
-layer sees. Rows without an adapter on a layer get exactly the base output.
+Long-lived weights sit once in the `AdapterPool`; `AdapterStep`, built for each step from its
+rows' slots, is the only thing a layer sees: for each family, which packed tokens carry which
+slot. Rows without an adapter on a layer get exactly the base output.
+
+LoRA has three ways to compute a family's term, chosen per step by the step's shape:
+
+- gathered (BGMV-like): each token's A and B gathered from the pool by its slot, two batched
+  matmuls — one call whatever the number of adapters, at the price of a per-token weight gather;
+- segmented (SGMV-like): rows are packed grouped by adapter, so tokens sharing a slot are one
+  contiguous run, and each run is two plain matmuls on the pool's own weights (no copy);
+- loop: the reference, one row at a time, exactly PEFT's `lora_B(lora_A(x)) * scaling`.
 """
 
 from __future__ import annotations
@@ -11,195 +19,169 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Literal
 
 import torch
 from torch import nn
 
 from server.engine.adapters.base import LoadedAdapter
+from server.engine.adapters.pool import AdapterPool, LoraFamily
+
+LoraBackendName = Literal["auto", "gathered", "segmented", "loop"]
+
+# "auto" runs a family segmented once its LoRA tokens average this many per run of one slot: then
+# a few plain matmuls beat gathering every token's weights (measured in bench/lora_backends.py).
+SEGMENT_MIN_TOKENS = 4
+
+Segment = tuple[int, int, int]  # packed tokens start:end share pool slot `slot`
 
 
 @dataclass(frozen=True)
-class LoraBatch:
-    """The LoRA rows of one linear layer in one batch composition.
+class LoraStep:
+    """The tokens of one step that carry a LoRA in one family."""
 
-    Each row's A and B are gathered, transposed and zero-padded to the batch's largest rank once
-    per composition, so a step is two batched matmuls with no gather of weights.
-    """
-
-    rows: torch.Tensor  # [n] long: batch rows with a LoRA on this layer
-    a: torch.Tensor  # [n, in, max_rank] fp32: each row's A^T, zero-padded ranks
-    b: torch.Tensor  # [n, max_rank, out] fp32: each row's B^T, zero-padded ranks
-    scaling: torch.Tensor  # [n, 1, 1] fp32
-    all_rows: bool  # rows == arange(batch): skip the gather and scatter
-    per_row: tuple[tuple[int, torch.Tensor, torch.Tensor, float], ...]  # (row, A, B, scaling) for the reference path
+    method: Literal["gathered", "segmented", "loop"]
+    tokens: torch.Tensor | None  # [n] long: their packed indices; None when every token of the step has one
+    slots: torch.Tensor  # [n] long: each token's slot
+    segments: tuple[Segment, ...]  # runs of one slot, in packed order (one per row for the loop)
 
 
 @dataclass(frozen=True)
-class LayerBatch:
-    """What one linear layer applies this step."""
+class AdapterStep:
+    """What every adaptable layer applies in one step, by family."""
 
-    lora: LoraBatch | None
-    ia3_in: torch.Tensor | None  # [batch, 1, in] fp32, ones for rows without IA³ here
-    ia3_out: torch.Tensor | None  # [batch, 1, out] fp32, ones for rows without IA³ here
-
-    @property
-    def device(self) -> torch.device:
-        return next(t for t in (self.ia3_in, self.ia3_out, self.lora and self.lora.rows) if t is not None).device
-
-
-class LoraBackend(Protocol):
-    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        """x [batch, seq, in] -> the LoRA term for `lora.rows`, [n, seq, out] fp32."""
-        ...
-
-
-class LoopLoraBackend:
-    """The reference: one row at a time, exactly PEFT's `lora_B(lora_A(x)) * scaling`."""
-
-    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        outs = [
-            torch.nn.functional.linear(torch.nn.functional.linear(x[row].float(), a), b) * s
-            for row, a, b, s in lora.per_row
-        ]
-        return torch.stack(outs)
-
-
-class BmmLoraBackend:
-    """All LoRA rows of a layer in two batched matmuls over gathered, rank-padded weights.
-
-    Zero-padded ranks add exact zeros, so rows of different ranks share one
-    call; the sum order can differ from PEFT's unpadded matmul by an ULP.
-    """
-
-    def delta(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        xs = x if lora.all_rows else x.index_select(0, lora.rows)  # [n, seq, in]
-        return torch.bmm(torch.bmm(xs.float(), lora.a), lora.b) * lora.scaling  # [n, seq, out]
-
-
-LORA_BACKENDS: dict[str, type[LoraBackend]] = {"bmm": BmmLoraBackend, "loop": LoopLoraBackend}
-
-
-class AdapterBatchData:
-    """Per-layer adapter tensors for one batch composition (rows in batch order)."""
-
-    def __init__(self, layers: dict[str, LayerBatch]):
-        self.layers = layers
+    lora: dict[str, LoraStep]
+    ia3_in: dict[str, torch.Tensor]  # family -> [tokens] long: each token's IA³ slot (0: none)
+    ia3_out: dict[str, torch.Tensor]
 
     @classmethod
-    def build(cls, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> AdapterBatchData | None:
-        """None when no row has a per-step adapter: the base model runs untouched."""
-        names = {name for ad in adapters if ad is not None for name in (*ad.lora, *ad.ia3)}
-        if not names:
+    def build(
+        cls,
+        spans: Sequence[tuple[LoadedAdapter | None, int]],
+        device: torch.device,
+        backend: LoraBackendName = "auto",
+    ) -> AdapterStep | None:
+        """spans: each row's adapter and token count, in packed order. None when no row needs a per-step adapter."""
+        rows = [(adapter.slots, n) for adapter, n in spans if adapter is not None and adapter.slots is not None]
+        if not rows:
             return None
-        return cls({name: _layer_batch(name, adapters, device) for name in sorted(names)})
-
-    def select(self, keep: Sequence[int], batch_size: int) -> AdapterBatchData | None:
-        """The data for rows `keep` of this composition, without rebuilding it from the adapters."""
-        device = next(iter(self.layers.values())).device
-        keep_t = torch.tensor(list(keep), dtype=torch.long, device=device)
-        new_index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        new_index[keep_t] = torch.arange(len(keep), device=device)
-        layers = {}
-        for name, layer in self.layers.items():
-            selected = LayerBatch(
-                lora=_select_lora(layer.lora, new_index, set(keep), len(keep)),
-                ia3_in=_select_scales(layer.ia3_in, keep_t),
-                ia3_out=_select_scales(layer.ia3_out, keep_t),
+        starts, total = [], 0
+        for _, n in spans:
+            starts.append(total)
+            total += n
+        placed = [
+            (adapter.slots, start, n)
+            for (adapter, n), start in zip(spans, starts)
+            if adapter is not None and adapter.slots is not None
+        ]
+        lora = {
+            family: _lora_step([(s.lora.get(family), start, n) for s, start, n in placed], total, device, backend)
+            for family in sorted({f for slots, _ in rows for f in slots.lora})
+        }
+        ia3 = []
+        for side in ("ia3_in", "ia3_out"):
+            families = sorted({f for slots, _ in rows for f in getattr(slots, side)})
+            ia3.append(
+                {
+                    f: _token_slots([(getattr(s, side).get(f), st, n) for s, st, n in placed], total, device)
+                    for f in families
+                }
             )
-            if selected.lora is not None or selected.ia3_in is not None or selected.ia3_out is not None:
-                layers[name] = selected
-        return AdapterBatchData(layers) if layers else None
+        return cls(lora=lora, ia3_in=ia3[0], ia3_out=ia3[1])
 
 
-def _select_scales(scales: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
-    """The kept rows' IA³ vectors; None when they are all ones (no kept row has IA³ here)."""
-    if scales is None:
-        return None
-    kept = scales.index_select(0, keep)
-    return None if bool((kept == 1).all()) else kept
-
-
-def _select_lora(lora: LoraBatch | None, new_index: torch.Tensor, keep: set[int], batch_size: int):
-    if lora is None:
-        return None
-    kept = [i for i, (row, *_) in enumerate(lora.per_row) if row in keep]
-    if not kept:
-        return None
-    positions = torch.tensor(kept, dtype=torch.long, device=lora.rows.device)
-    rows = new_index.index_select(0, lora.rows.index_select(0, positions))
-    return LoraBatch(
-        rows=rows,
-        a=lora.a.index_select(0, positions),
-        b=lora.b.index_select(0, positions),
-        scaling=lora.scaling.index_select(0, positions),
-        all_rows=rows.tolist() == list(range(batch_size)),
-        per_row=tuple((int(new), *lora.per_row[i][1:]) for i, new in zip(kept, rows.tolist())),
-    )
-
-
-def _layer_batch(name: str, adapters: Sequence[LoadedAdapter | None], device: torch.device) -> LayerBatch:
-    lora_rows = [(i, ad.lora[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.lora]
-    ia3_rows = [(i, ad.ia3[name]) for i, ad in enumerate(adapters) if ad is not None and name in ad.ia3]
-    return LayerBatch(lora=_lora_batch(lora_rows, len(adapters), device), **_ia3_vectors(ia3_rows, len(adapters)))
-
-
-def _lora_batch(rows: list, batch_size: int, device: torch.device) -> LoraBatch | None:
-    if not rows:
-        return None
-    modules = [module for _, module in rows]
-    max_rank = max(m.a.shape[0] for m in modules)
-    a = torch.zeros(len(rows), modules[0].a.shape[1], max_rank, device=device)
-    b = torch.zeros(len(rows), max_rank, modules[0].b.shape[0], device=device)
-    for i, module in enumerate(modules):
-        rank = module.a.shape[0]
-        a[i, :, :rank] = module.a.T
-        b[i, :rank] = module.b.T
-    row_ids = [row for row, _ in rows]
-    return LoraBatch(
-        rows=torch.tensor(row_ids, device=device),
-        a=a,
-        b=b,
-        scaling=torch.tensor([m.scaling for m in modules], device=device)[:, None, None],
-        all_rows=row_ids == list(range(batch_size)),
-        per_row=tuple((row, m.a, m.b, m.scaling) for row, m in rows),
-    )
-
-
-def _ia3_vectors(rows: list, batch_size: int) -> dict[str, torch.Tensor | None]:
-    vectors: dict[str, torch.Tensor | None] = {"ia3_in": None, "ia3_out": None}
-    for field, on_input in (("ia3_in", True), ("ia3_out", False)):
-        mine = [(i, m) for i, m in rows if m.on_input == on_input]
-        if not mine:
+def _segments(rows: list[tuple[int | None, int, int]], merge: bool) -> list[Segment]:
+    segments: list[Segment] = []
+    for slot, start, n in rows:
+        if slot is None:
             continue
-        width = mine[0][1].vector.shape[0]
-        stacked = torch.ones(batch_size, 1, width, device=mine[0][1].vector.device)
-        for i, module in mine:
-            stacked[i, 0] = module.vector
-        vectors[field] = stacked
-    return vectors
+        if merge and segments and segments[-1][2] == slot and segments[-1][1] == start:
+            segments[-1] = (segments[-1][0], start + n, slot)
+        else:
+            segments.append((start, start + n, slot))
+    return segments
+
+
+def _lora_step(rows: list[tuple[int | None, int, int]], total: int, device, backend: LoraBackendName) -> LoraStep:
+    segments = _segments(rows, merge=backend != "loop")
+    count = sum(end - start for start, end, _ in segments)
+    method = backend
+    if backend == "auto":
+        method = "segmented" if count >= SEGMENT_MIN_TOKENS * len(segments) else "gathered"
+    every = count == total and len(segments) > 0 and segments[0][0] == 0
+    tokens = None if every else torch.tensor([t for s, e, _ in segments for t in range(s, e)], device=device)
+    slots = torch.tensor([slot for s, e, slot in segments for _ in range(s, e)], device=device)
+    return LoraStep(method=method, tokens=tokens, slots=slots, segments=tuple(segments))
+
+
+def _token_slots(rows: list[tuple[int | None, int, int]], total: int, device) -> torch.Tensor:
+    slots = [0] * total
+    for slot, start, n in rows:
+        if slot is not None:
+            slots[start : start + n] = [slot] * n
+    return torch.tensor(slots, device=device)
+
+
+# --- LoRA arithmetic --------------------------------------------------------------------------------
+
+
+def lora_gathered(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
+    """out [tokens, out] += each LoRA token's term, its weights gathered by slot. x [tokens, in] fp32."""
+    xs = x if step.tokens is None else x.index_select(0, step.tokens)  # [n, in]
+    a = pool.a[layer].index_select(0, step.slots)  # [n, rank, in]
+    b = pool.b[layer].index_select(0, step.slots)  # [n, out, rank]
+    delta = torch.bmm(b, torch.bmm(a, xs[:, :, None]))[:, :, 0]  # [n, out]
+    delta *= pool.scaling[layer].index_select(0, step.slots)[:, None]
+    if step.tokens is None:
+        out += delta
+    else:
+        out.index_add_(0, step.tokens, delta)
+
+
+def lora_segmented(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
+    """Each run of one slot as two matmuls on the pool's weights, at the adapter's own rank."""
+    a_all, b_all = pool.a[layer], pool.b[layer]
+    ranks, scalings = pool.host_rank[layer], pool.host_scaling[layer]
+    for start, end, slot in step.segments:
+        rank = ranks[slot]
+        if rank:
+            delta = (x[start:end] @ a_all[slot, :rank].T) @ b_all[slot, :, :rank].T  # [run, out]
+            out[start:end] += delta * scalings[slot]
+
+
+def lora_loop(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
+    """The reference: PEFT's `lora_B(lora_A(x)) * scaling`, one row at a time."""
+    for start, end, slot in step.segments:
+        rank = pool.host_rank[layer][slot]
+        if rank:
+            a, b = pool.a[layer, slot, :rank], pool.b[layer, slot, :, :rank]
+            out[start:end] += (
+                nn.functional.linear(nn.functional.linear(x[start:end], a), b) * pool.host_scaling[layer][slot]
+            )
+
+
+LORA_METHODS = {"gathered": lora_gathered, "segmented": lora_segmented, "loop": lora_loop}
 
 
 class AdapterHooks:
-    """Forward hooks on every adaptable linear layer; they read the step's `AdapterBatchData`.
+    """Forward hooks on every adaptable linear layer; they read the step's `AdapterStep`.
 
-    Hooks, not wrapper modules, so the backbone's module tree and weights stay
-    exactly as loaded.
+    Hooks, not wrapper modules, so the backbone's module tree and weights stay exactly as loaded.
     """
 
-    def __init__(self, model: nn.Module, layer_names: Sequence[str], backend: LoraBackend):
-        self.backend = backend
-        self.current: AdapterBatchData | None = None
+    def __init__(self, model: nn.Module, pool: AdapterPool):
+        self.pool = pool
+        self.current: AdapterStep | None = None
         modules = dict(model.named_modules())
         self._handles = []
-        for name in layer_names:
+        for name, (family, layer) in pool.layout.items():
             module = modules[name]
-            self._handles.append(module.register_forward_pre_hook(partial(self._scale_input, name)))
-            self._handles.append(module.register_forward_hook(partial(self._adapt_output, name)))
+            self._handles.append(module.register_forward_pre_hook(partial(self._scale_input, family, layer)))
+            self._handles.append(module.register_forward_hook(partial(self._adapt_output, family, layer)))
 
     @contextmanager
-    def active(self, data: AdapterBatchData | None) -> Iterator[None]:
-        self.current = data
+    def active(self, step: AdapterStep | None) -> Iterator[None]:
+        self.current = step
         try:
             yield
         finally:
@@ -209,28 +191,23 @@ class AdapterHooks:
         for handle in self._handles:
             handle.remove()
 
-    def _layer(self, name: str) -> LayerBatch | None:
-        return None if self.current is None else self.current.layers.get(name)
-
-    def _scale_input(self, name: str, module: nn.Module, args: tuple):
-        layer = self._layer(name)
-        if layer is None or layer.ia3_in is None:
+    def _scale_input(self, family: str, layer: int, module: nn.Module, args: tuple):
+        step = self.current
+        if step is None or family not in step.ia3_in:
             return None
-        x = args[0]
-        return ((x * layer.ia3_in).to(x.dtype), *args[1:])
+        x = args[0]  # [1, tokens, in]
+        vectors = self.pool.ia3_in[family].vectors[layer].index_select(0, step.ia3_in[family])  # [tokens, in]
+        return ((x * vectors).to(x.dtype), *args[1:])
 
-    def _adapt_output(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
-        layer = self._layer(name)
-        if layer is None or (layer.lora is None and layer.ia3_out is None):
+    def _adapt_output(self, family: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
+        step = self.current
+        if step is None or (family not in step.lora and family not in step.ia3_out):
             return None
         dtype = output.dtype
-        out = output.float()  # the layer's fresh output (or an fp32 copy of it): ours to update in place
-        if layer.ia3_out is not None:
-            out.mul_(layer.ia3_out)
-        if layer.lora is not None:
-            delta = self.backend.delta(args[0], layer.lora)
-            if layer.lora.all_rows:
-                out.add_(delta)
-            else:
-                out.index_add_(0, layer.lora.rows, delta)
+        out = output.float()  # [1, tokens, out]: the layer's fresh output (or an fp32 copy): ours to update
+        if family in step.ia3_out:
+            out[0] *= self.pool.ia3_out[family].vectors[layer].index_select(0, step.ia3_out[family])
+        lora = step.lora.get(family)
+        if lora is not None:
+            LORA_METHODS[lora.method](args[0][0].float(), out[0], self.pool.lora[family], layer, lora)
         return out.to(dtype)

@@ -72,9 +72,7 @@ class Ia3Kind:
                     f"tensor {name} has shape {list(tensor.shape)}, but {module} is {role} "
                     f"per feedforward_modules, so it must be {list(expected)}"
                 )
-            modules[module] = Ia3Module(
-                vector=tensor.flatten().to(placement.device, torch.float32), on_input=feedforward
-            )
+            modules[module] = Ia3Module(vector=tensor.flatten().to(torch.float32), on_input=feedforward)
         if not modules:
             raise AdapterError("adapter_model.safetensors holds no ia3_l tensors")
         return LoadedAdapter(key=key, kind="ia3", ia3=modules)

@@ -113,10 +113,10 @@ class LoraKind:
             rank = config.pattern_value(config.rank_pattern, module, config.r)
             check_shape(f"{module}.lora_A.weight", a, (rank, shape.in_features), "[r, in_features]")
             check_shape(f"{module}.lora_B.weight", b, (shape.out_features, rank), "[out_features, r]")
-            # PEFT upcasts adapter weights to fp32 and runs the LoRA branch in fp32
+            # PEFT upcasts adapter weights to fp32 and runs the LoRA branch in fp32; host copies until pooled
             modules[module] = LoraModule(
-                a=a.to(placement.device, torch.float32),
-                b=b.to(placement.device, torch.float32),
+                a=a.to(torch.float32),
+                b=b.to(torch.float32),
                 scaling=config.scaling(module, rank),
             )
         return LoadedAdapter(key=key, kind="lora", lora=modules)

@@ -1,0 +1,124 @@
+"""The load every engine bench shares: real PEFT adapters of every served kind, at realistic sizes, and prompts.
+
+The mix is the one production traffic looks like on a shared backbone (and the one the engine's targets are
+set on): all-linear LoRA r=16, q/v LoRA r=8, rsLoRA r=16 on attention, prefix tuning with 16 virtual tokens
+and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³ — each saved by PEFT's own
+`save_pretrained` with randomised (non-trivial) weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (str(ROOT), str(ROOT / "tests")):
+    if path not in sys.path:
+        sys.path.append(path)  # after site-packages: tests/adapters_store must not shadow the package
+if os.environ.get("TASKSERVE_TREE"):  # measure another checkout's engine (see run_elsewhere)
+    sys.path.insert(0, os.environ["TASKSERVE_TREE"])
+
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: E402
+from peft_reference import make_adapter  # noqa: E402
+
+try:
+    from server.engine.engine import Engine  # noqa: E402
+except ImportError:  # checkouts from before the engine moved to engine.py
+    from server.engine.scheduler import Engine  # noqa: E402
+
+__all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
+
+CAUSAL = {"task_type": "CAUSAL_LM"}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# kind -> (how peft_reference randomises it, its PEFT config)
+MIX = {
+    "lora_all_r16": ("lora_all", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", **CAUSAL)),
+    "lora_qv_r8": ("lora_qv", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], **CAUSAL)),
+    "rslora_attn_r16": (
+        "lora_rslora",
+        LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=ATTENTION, **CAUSAL),
+    ),
+    "prefix_16": ("prefix", PrefixTuningConfig(num_virtual_tokens=16, **CAUSAL)),
+    "prefix_proj_10": ("prefix_proj", PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True, **CAUSAL)),
+    "prompt_8": ("prompt", PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="RANDOM", **CAUSAL)),
+    "prompt_20": ("prompt", PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="RANDOM", **CAUSAL)),
+    "ptuning_mlp_12": (
+        "ptuning_mlp",
+        PromptEncoderConfig(num_virtual_tokens=12, encoder_reparameterization_type="MLP", **CAUSAL),
+    ),
+    "ia3": ("ia3", IA3Config(**CAUSAL)),
+}
+
+SENTENCES = [
+    "Please summarise the following customer review in one short sentence.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "My flight was delayed by three hours, and nobody at the gate could explain why.",
+    "Translate the next paragraph into French, keeping the formal tone of the original.",
+    "The old lighthouse has guided fishing boats along this rocky coast since 1871.",
+    "Write a polite email declining the invitation, but suggest meeting next month instead.",
+    "She planted tomatoes, basil and peppers in the small garden behind the kitchen.",
+    "Explain, step by step, how a hash table resolves collisions with open addressing.",
+    "Classify the sentiment of this tweet as positive, negative or neutral.",
+    "Which of these three laptops offers the best battery life for the price?",
+]
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    kind: str
+    path: Path
+    peft_type: str
+
+
+def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = tuple(MIX), seed: int = 0, prefix: str = "t"):
+    """N distinct adapters cycling through `kinds` of MIX, saved with PEFT under `root` (kept: a later run with
+    the same root reuses them)."""
+    tasks = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        randomise_as, config = MIX[kind]
+        path = root / f"{prefix}{i}-{kind}-seed{seed + i}"
+        if not (path / "adapter_model.safetensors").is_file():
+            make_adapter(model, randomise_as, path, seed=seed + i, config=config)
+        peft_type = json.loads((path / "adapter_config.json").read_text())["peft_type"]
+        tasks.append(Task(f"{prefix}{i}-{kind}", kind, path, peft_type))
+    return tasks
+
+
+def make_prompts(tokenizer, n: int, length: int, spread: float = 0.25, seed: int = 0) -> list[list[int]]:
+    """N prompts of about `length` tokens (±spread) cut from running English text."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        want = max(1, round(length * rng.uniform(1 - spread, 1 + spread)))
+        ids, k = [], rng.randrange(len(SENTENCES))
+        while len(ids) < want:
+            ids += tokenizer(" " + SENTENCES[k % len(SENTENCES)], add_special_tokens=False)["input_ids"]
+            k += 1
+        prompts.append(ids[:want])
+    return prompts
+
+
+def run_elsewhere(script: str, argv: list[str], tree: Path | None = None) -> dict:
+    """Run `script --child ...` in a fresh process (against another checkout's `server` when `tree` is given) and
+    return the JSON it prints last: each measurement gets a clean process (memory peaks, no warm caches)."""
+    env = {**os.environ, "TASKSERVE_TREE": str(tree.resolve())} if tree else dict(os.environ)
+    out = subprocess.run([sys.executable, script, *argv, "--child"], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{script} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def without(argv: list[str], option: str) -> list[str]:
+    """argv without `option` and its value."""
+    if option not in argv:
+        return argv
+    i = argv.index(option)
+    return argv[:i] + argv[i + 2 :]

@@ -1,0 +1,195 @@
+"""Where resident LoRA and IA³ weights live on the device: a slot pool per family of layers.
+
+A family is one linear layer of the decoder block across the whole stack
+(`model.layers.{}.self_attn.q_proj`). For each family the pool keeps one tensor per kind of
+weight, with a slot per resident adapter:
+
+    LoRA:  A [layers, slots, rank, in], B [layers, slots, out, rank], scaling [layers, slots]
+    IA³:   vectors [layers, slots, width]; slot 0 is all ones (no IA³)
+
+An adapter takes one slot in each family it touches when it becomes resident and gives it back
+when evicted, so its weights are held once, and a step tells each layer no more than a slot per
+row. Ranks below the family's largest are zero-padded (exact zeros in every sum), and a layer an
+adapter leaves alone keeps zeros (LoRA) or ones (IA³) at its slot. Slots and ranks grow on demand;
+a grown tensor keeps every slot where it was, so a step that read the old one stays right.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import replace
+
+import torch
+
+from server.engine.adapters.base import LoadedAdapter, PoolSlots
+from server.engine.backbone import Geometry
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def family_of(module: str) -> tuple[str, int]:
+    """'model.layers.7.mlp.down_proj' -> ('model.layers.{}.mlp.down_proj', 7); modules outside a stack: layer 0."""
+    match = _LAYER_INDEX.search(module)
+    if match is None:
+        return module, 0
+    return f"{module[: match.start()]}.{{}}.{module[match.end() :]}", int(match.group(1))
+
+
+class _Slots:
+    """Slot bookkeeping of one pooled tensor set: slot 0 is reserved, the rest handed out lowest first."""
+
+    def __init__(self) -> None:
+        self.capacity = 0
+        self.free: list[int] = []
+
+    def take(self) -> int | None:
+        return self.free.pop(0) if self.free else None
+
+    def grow(self, capacity: int) -> None:
+        self.free += range(max(self.capacity, 1), capacity)
+        self.capacity = capacity
+
+
+class LoraFamily:
+    """One family's LoRA weights for every resident adapter."""
+
+    def __init__(self, layers: int, in_features: int, out_features: int, device: torch.device):
+        self.layers, self.in_features, self.out_features, self.device = layers, in_features, out_features, device
+        self.slots = _Slots()
+        self.rank = 0
+        self.a = torch.zeros(layers, 0, 0, in_features, device=device)  # [layers, slots, rank, in]
+        self.b = torch.zeros(layers, 0, out_features, 0, device=device)  # [layers, slots, out, rank]
+        self.scaling = torch.zeros(layers, 0, device=device)  # [layers, slots]
+        self.host_scaling: list[list[float]] = [[] for _ in range(layers)]  # [layer][slot], read by segmented steps
+        self.host_rank: list[list[int]] = [[] for _ in range(layers)]  # [layer][slot], 0 where no LoRA
+
+    def install(self, modules: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> int:
+        """modules: layer -> (A [r, in], B [out, r], scaling); returns the slot."""
+        rank = max(a.shape[0] for a, _, _ in modules.values())
+        slot = self.slots.take()
+        if slot is None or rank > self.rank:
+            self._resize(max(4, 2 * self.slots.capacity) if slot is None else self.slots.capacity, max(rank, self.rank))
+            slot = slot if slot is not None else self.slots.take()
+        self.a[:, slot].zero_()
+        self.b[:, slot].zero_()
+        self.scaling[:, slot] = 0.0
+        for layer in range(self.layers):
+            self.host_scaling[layer][slot], self.host_rank[layer][slot] = 0.0, 0
+        for layer, (a, b, scaling) in modules.items():
+            r = a.shape[0]
+            self.a[layer, slot, :r] = a
+            self.b[layer, slot, :, :r] = b
+            self.scaling[layer, slot] = scaling
+            self.host_scaling[layer][slot], self.host_rank[layer][slot] = scaling, r
+        return slot
+
+    def _resize(self, capacity: int, rank: int) -> None:
+        old = self.slots.capacity
+        a = torch.zeros(self.layers, capacity, rank, self.in_features, device=self.device)
+        b = torch.zeros(self.layers, capacity, self.out_features, rank, device=self.device)
+        scaling = torch.zeros(self.layers, capacity, device=self.device)
+        a[:, :old, : self.rank] = self.a
+        b[:, :old, :, : self.rank] = self.b
+        scaling[:, :old] = self.scaling
+        self.a, self.b, self.scaling, self.rank = a, b, scaling, rank  # steps in flight keep the old tensors
+        for layer in range(self.layers):
+            self.host_scaling[layer] += [0.0] * (capacity - old)
+            self.host_rank[layer] += [0] * (capacity - old)
+        self.slots.grow(capacity)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.a.numel() + self.b.numel() + self.scaling.numel()) * 4
+
+
+class VectorFamily:
+    """One family's IA³ vectors (on its input or its output) for every resident adapter."""
+
+    def __init__(self, layers: int, width: int, device: torch.device):
+        self.layers, self.width, self.device = layers, width, device
+        self.slots = _Slots()
+        self.vectors = torch.ones(layers, 0, width, device=device)  # [layers, slots, width]
+
+    def install(self, vectors: dict[int, torch.Tensor]) -> int:
+        slot = self.slots.take()
+        if slot is None:
+            capacity = max(4, 2 * self.slots.capacity)
+            grown = torch.ones(self.layers, capacity, self.width, device=self.device)
+            grown[:, : self.slots.capacity] = self.vectors
+            self.vectors = grown
+            self.slots.grow(capacity)
+            slot = self.slots.take()
+        self.vectors[:, slot] = 1.0
+        for layer, vector in vectors.items():
+            self.vectors[layer, slot] = vector
+        return slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.numel() * 4
+
+
+class AdapterPool:
+    """Every family's pooled weights; installs and releases whole adapters. Thread-safe."""
+
+    def __init__(self, geometry: Geometry, device: torch.device):
+        self.device = device
+        self.layout: dict[str, tuple[str, int]] = {name: family_of(name) for name in geometry.linear_modules}
+        self._shapes: dict[str, tuple[int, int, int]] = {}  # family -> (layers, in, out)
+        for name, shape in geometry.linear_modules.items():
+            family, layer = self.layout[name]
+            layers = max(self._shapes.get(family, (0, 0, 0))[0], layer + 1)
+            self._shapes[family] = (layers, shape.in_features, shape.out_features)
+        self.lora: dict[str, LoraFamily] = {}
+        self.ia3_in: dict[str, VectorFamily] = {}
+        self.ia3_out: dict[str, VectorFamily] = {}
+        self._lock = threading.Lock()
+
+    def install(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """The adapter with its LoRA and IA³ weights moved into slots (its host copies dropped)."""
+        if not adapter.lora and not adapter.ia3:
+            return adapter
+        lora: dict[str, dict[int, tuple]] = {}
+        for name, module in adapter.lora.items():
+            family, layer = self.layout[name]
+            lora.setdefault(family, {})[layer] = (module.a, module.b, module.scaling)
+        ia3: dict[tuple[str, bool], dict[int, torch.Tensor]] = {}
+        for name, module in adapter.ia3.items():
+            family, layer = self.layout[name]
+            ia3.setdefault((family, module.on_input), {})[layer] = module.vector
+        with self._lock:
+            slots = PoolSlots()
+            for family, modules in lora.items():
+                layers, fan_in, fan_out = self._shapes[family]
+                pooled = self.lora.setdefault(family, LoraFamily(layers, fan_in, fan_out, self.device))
+                slots.lora[family] = pooled.install(
+                    {layer: (a.to(self.device), b.to(self.device), s) for layer, (a, b, s) in modules.items()}
+                )
+            for (family, on_input), vectors in ia3.items():
+                layers, fan_in, fan_out = self._shapes[family]
+                table = self.ia3_in if on_input else self.ia3_out
+                pooled = table.setdefault(family, VectorFamily(layers, fan_in if on_input else fan_out, self.device))
+                target = slots.ia3_in if on_input else slots.ia3_out
+                target[family] = pooled.install({layer: v.to(self.device) for layer, v in vectors.items()})
+        return replace(adapter, lora={}, ia3={}, slots=slots, pooled_bytes=adapter.nbytes)
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        """Give the adapter's slots back; call only once no running row uses it."""
+        if adapter.slots is None:
+            return
+        with self._lock:
+            for table, slots in (
+                (self.lora, adapter.slots.lora),
+                (self.ia3_in, adapter.slots.ia3_in),
+                (self.ia3_out, adapter.slots.ia3_out),
+            ):
+                for family, slot in slots.items():
+                    table[family].slots.free.append(slot)
+                    table[family].slots.free.sort()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the pool has allocated, padding and free slots included."""
+        families = [*self.lora.values(), *self.ia3_in.values(), *self.ia3_out.values()]
+        return sum(f.nbytes for f in families)

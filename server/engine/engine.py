@@ -1,0 +1,362 @@
+"""The engine: one frozen backbone serving every task, stepping on its own thread.
+
+A step is three calls: `schedule` (a pure function of the waiting and running rows: who computes
+how many inputs), `ModelRunner.execute` (one forward over the packed rows, then sampling) and
+`update` (tokens recorded and streamed, finished rows dropped). Requests arrive from any thread;
+the engine thread emits token ids only: detokenising and stop strings happen in each request's
+consumer (`generate`, `complete`), which cancels the row when a stop string appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from server.config import EngineSettings
+from server.engine.backbone import Backbone
+from server.engine.batch import Batch
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.generation import Generation, Sink
+from server.engine.kv_cache import KVPool
+from server.engine.request import EngineStopped, GenerationRequest, InvalidRequest, QueueFull, TokenDelta
+from server.engine.residency import Lease, Residency
+from server.engine.runner import ModelRunner, RunnerOutput
+from server.engine.scheduler import SchedulerLimits, StepPlan, reserved_blocks, schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics and admission control; read from any thread."""
+
+    running: int  # rows in the batch
+    waiting: int  # requests queued for admission
+    kv_tokens: int  # KV columns the rows hold
+    kv_capacity: int  # KV columns in the pool
+    steps: int  # forwards since start
+    step_seconds: float  # recent average duration of one step
+    step_tokens: float  # recent average inputs computed per step
+
+
+class Engine:
+    """`submit` from any thread, `generate` from asyncio; `start` runs the loop on its own thread."""
+
+    def __init__(self, backbone: Backbone, settings: EngineSettings | None = None, residency: Residency | None = None):
+        self.backbone = backbone
+        self.settings = settings = settings or EngineSettings()
+        self.residency = residency or Residency(backbone)
+        g = backbone.geometry
+        self.pool = KVPool(
+            layers=g.num_layers,
+            kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
+            tokens=settings.max_kv_tokens,
+            block_size=settings.kv_block_size,
+            device=backbone.device,
+            dtype=backbone.dtype,
+        )
+        self.limits = SchedulerLimits(
+            max_rows=settings.max_batch_size,
+            max_step_tokens=settings.max_step_tokens,
+            kv_blocks=self.pool.capacity_blocks,
+            block_size=self.pool.block_size,
+        )
+        self.runner = ModelRunner(backbone, self.residency.pool)
+        self.batch = Batch(self.pool, lora_backend=settings.lora_backend)
+        self.waiting: deque[Generation] = deque()
+        self.steps = 0
+        self._lock = threading.Lock()  # guards `waiting`
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._timing = (0.0, 0.0)  # exponential averages: seconds and inputs per step
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="taskserve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for row in list(self.batch.rows):
+            self._finish(row, "error", error="the engine stopped")
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for row in waiting:
+            row.lease.release()
+            row.end("error", error="the engine stopped")
+
+    def run_until_idle(self) -> None:
+        """Step on the caller's thread until nothing runs or waits (tests and tools; not with start())."""
+        while self.batch.rows or self.waiting:
+            self.step()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> list[Generation]:
+        return self.batch.rows
+
+    def stats(self) -> EngineStats:
+        seconds, tokens = self._timing
+        return EngineStats(
+            running=len(self.batch.rows),
+            waiting=len(self.waiting),
+            kv_tokens=self.batch.kv_tokens,
+            kv_capacity=self.pool.capacity_blocks * self.pool.block_size,
+            steps=self.steps,
+            step_seconds=seconds,
+            step_tokens=tokens,
+        )
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink, lease: Lease | None = None) -> Generation:
+        """Queue a request; bad input or a full queue raise here and leave the running batch alone.
+
+        `sink` receives token ids (no text) on the engine thread. `lease` pins the task's adapter (see
+        `Residency.acquire_async`); without one, the adapter is acquired here, waiting for a load.
+        """
+        if self._stopping.is_set():
+            raise EngineStopped("the engine has stopped")
+        lease = lease or self.residency.acquire(request.task_id)
+        row = Generation(request, lease, sink, self.backbone.eos_token_ids, self.backbone.device)
+        try:
+            self._validate(row)
+            with self._lock:
+                if len(self.waiting) >= self.settings.max_queue:
+                    raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+                self.waiting.append(row)
+        except BaseException:
+            lease.release()
+            raise
+        self._wakeup.set()
+        return row
+
+    def generate(self, request: GenerationRequest, lease: Lease | None = None) -> AsyncIterator[TokenDelta]:
+        """Submit now (bad input and a full queue raise here), then stream text deltas in asyncio.
+
+        Leaving the iteration early, or the task being cancelled, cancels the row.
+        """
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[TokenDelta] = asyncio.Queue()
+
+        def sink(delta: TokenDelta) -> None:
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            except RuntimeError:  # the event loop is gone: nobody reads this row any more
+                row.cancel()
+
+        row = self.submit(request, sink, lease)
+        stream = _text_stream(deltas, row, self._detokenizer(request))
+        weakref.finalize(stream, row.cancel)  # a stream dropped before its first read never runs its finally
+        return stream
+
+    def complete(self, request: GenerationRequest, timeout: float | None = None) -> TokenDelta:
+        """Blocking convenience: run one request to the end and return its whole output as one delta."""
+        deltas: queue.Queue[TokenDelta] = queue.Queue()
+        row = self.submit(request, deltas.put)
+        try:
+            parts = list(_with_text(iter(lambda: deltas.get(timeout=timeout), None), row, self._detokenizer(request)))
+        finally:
+            row.cancel()
+        last = parts[-1]
+        return replace(
+            last,
+            token_ids=[t for d in parts for t in d.token_ids],
+            text="".join(d.text for d in parts),
+            logprobs=None if request.sampling.logprobs is None else [lp for d in parts for lp in d.logprobs or ()],
+        )
+
+    def _detokenizer(self, request: GenerationRequest) -> IncrementalDetokenizer | None:
+        tokenizer = self.backbone.tokenizer
+        return (
+            None if tokenizer is None else IncrementalDetokenizer(tokenizer, request.prompt_ids, request.sampling.stop)
+        )
+
+    def _validate(self, row: Generation) -> None:
+        sampling, limit = row.sampling, self.backbone.geometry.context_length
+        if not row.prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.backbone.geometry.vocab_size
+        if not all(0 <= t < vocab for t in row.prompt_ids):
+            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
+        asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
+        if asked > allowed:
+            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
+        columns = row.prefix_len + row.kv_tokens
+        if columns > limit:
+            virtual = row.prefix_len + row.soft_len
+            raise InvalidRequest(
+                f"prompt ({len(row.prompt_ids)} tokens + {virtual} virtual) + max_new_tokens ({asked}) "
+                f"exceeds the context length of {limit}"
+            )
+        if reserved_blocks(row, self.pool.block_size) > self.pool.capacity_blocks:
+            raise InvalidRequest(
+                f"this request needs {columns} KV columns; the server holds {self.settings.max_kv_tokens}"
+            )
+        if sampling.stop and self.backbone.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer, and this backbone has none")
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self.batch.rows and not self.waiting:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a fault outside any row's forward: keep serving
+                log.exception("engine step failed")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Schedule, execute, update."""
+        for row in [r for r in self.batch.rows if r.cancelled]:
+            self._finish(row, "cancelled")
+        with self._lock:
+            waiting = list(self.waiting)
+        plan = schedule(waiting, self.batch.rows, self.limits)
+        self._admit(plan)
+        if not plan.chunks:
+            return
+        started = time.perf_counter()
+        done, output = self._execute(plan)
+        self._update(done, output)
+        self.steps += 1
+        seconds, tokens = self._timing
+        elapsed = time.perf_counter() - started
+        self._timing = (
+            (0.9 * seconds + 0.1 * elapsed, 0.9 * tokens + 0.1 * plan.tokens)
+            if self.steps > 1
+            else (elapsed, plan.tokens)
+        )
+
+    def _admit(self, plan: StepPlan) -> None:
+        gone = {id(r) for r in (*plan.admitted, *plan.skipped)}
+        if gone:
+            with self._lock:
+                self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+        for row in plan.skipped:
+            row.lease.release()
+            row.end("cancelled")
+        for row in plan.admitted:
+            adapter = row.adapter
+            if adapter is not None and adapter.needs_template_kv:
+                # a template's leading tokens: prefilled once, here on the engine thread, then shared
+                adapter.prefix_kv = self.runner.prefix_kv(adapter.template_ids)
+            self.batch.add(row)
+
+    def _execute(self, plan: StepPlan) -> tuple[list[tuple[Generation, int]], RunnerOutput]:
+        """Run the plan; a fault is narrowed down by halves to the rows it comes from, which end alone.
+
+        Re-running part of a step is safe: it rewrites the same KV slots with the same values.
+        """
+        try:
+            return list(plan.chunks), self.runner.execute(plan, self.batch)
+        except Exception as exc:
+            if len(plan.chunks) == 1:
+                row = plan.chunks[0][0]
+                log.exception("a step failed for one row (task %s); ending that row", row.request.task_id)
+                self._finish(row, "error", error=f"{type(exc).__name__}: {exc}")
+                return [], RunnerOutput(rows=(), tokens=(), logprobs=())
+            half = len(plan.chunks) // 2
+            parts = [
+                self._execute(plan.only([r for r, _ in chunks])) for chunks in (plan.chunks[:half], plan.chunks[half:])
+            ]
+            done = [c for d, _ in parts for c in d]
+            return done, RunnerOutput(
+                rows=tuple(r for _, o in parts for r in o.rows),
+                tokens=tuple(t for _, o in parts for t in o.tokens),
+                logprobs=tuple(lp for _, o in parts for lp in o.logprobs),
+            )
+
+    def _update(self, done: Iterable[tuple[Generation, int]], output: RunnerOutput) -> None:
+        for row, n in done:
+            row.computed += n
+        for row, token, logprob in zip(output.rows, output.tokens, output.logprobs):
+            delta = row.accept(token, logprob)
+            if delta.finish_reason is not None:
+                self._finish(row, delta.finish_reason, delta=delta)
+            else:
+                self._emit(row, delta)
+
+    def _finish(self, row: Generation, reason, error: str | None = None, delta: TokenDelta | None = None) -> None:
+        """Drop a row from the batch, release its task, close its stream."""
+        if row in self.batch.rows:
+            self.batch.drop(row)
+        row.lease.release()
+        if delta is not None:
+            self._emit(row, delta)
+        else:
+            try:
+                row.end(reason, error)
+            except Exception:
+                log.exception("a sink failed")
+
+    def _emit(self, row: Generation, delta: TokenDelta) -> None:
+        try:
+            row.sink(delta)
+        except Exception:  # one reader's fault is its own: the row ends, the batch goes on
+            log.exception("a sink failed; cancelling its row")
+            row.cancel()
+
+
+def _with_text(
+    deltas: Iterator[TokenDelta], row: Generation, detokenizer: IncrementalDetokenizer | None
+) -> Iterator[TokenDelta]:
+    """Token deltas with their text; a stop string ends the stream (and cancels the row)."""
+    for delta in deltas:
+        if detokenizer is None:
+            yield delta
+        else:
+            text = "".join(detokenizer.push(t) for t in delta.token_ids)
+            reason = "stop" if detokenizer.stopped else delta.finish_reason
+            if reason is not None:
+                text += detokenizer.finish()
+            yield replace(delta, text=text, finish_reason=reason)
+            if detokenizer.stopped:
+                row.cancel()
+                return
+        if delta.finish_reason is not None:
+            return
+
+
+async def _text_stream(
+    deltas: asyncio.Queue[TokenDelta], row: Generation, detokenizer: IncrementalDetokenizer | None
+) -> AsyncIterator[TokenDelta]:
+    async def raw() -> AsyncIterator[TokenDelta]:
+        while True:
+            yield await deltas.get()
+
+    try:
+        async for delta in raw():
+            for out in _with_text(iter((delta,)), row, detokenizer):
+                yield out
+                if out.finish_reason is not None:
+                    return
+    finally:
+        row.cancel()

@@ -1,0 +1,127 @@
+"""One request's life inside the engine: what it feeds the model, how far its KV got, what it made.
+
+A row's input is its adapter's soft prompt (S virtual tokens), its prompt (N tokens), then every
+token it generates. Any prefix KV (prefix tuning, a template's leading tokens: P columns) is
+already cached before the first input; input i sits at position P + i, whatever shares the batch.
+`computed` counts the inputs whose keys and values are in the cache: a row is prefilling until
+its S + N prompt inputs are computed, then it decodes, one input per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from server.engine.adapters import LoadedAdapter
+from server.engine.request import FinishReason, GenerationRequest, TokenDelta, TokenLogprob
+from server.engine.residency import Lease
+from server.engine.sampling import make_generator
+
+Sink = Callable[[TokenDelta], None]
+
+
+class Generation:
+    """A request's engine-side state. Touched by the engine thread only, except `cancel`."""
+
+    def __init__(self, request: GenerationRequest, lease: Lease, sink: Sink, eos_ids: frozenset[int], device):
+        self.request = request
+        self.lease = lease  # pins the task version on the device until this row ends
+        self.adapter: LoadedAdapter | None = lease.adapter
+        self.prompt_ids = request.prompt_ids
+        self.sampling = request.sampling
+        self.sink = sink
+        self.generator = make_generator(request.sampling, device)
+        self.eos_ids = frozenset() if request.sampling.ignore_eos else eos_ids
+        self.output_ids: list[int] = []
+        self.computed = 0  # inputs whose KV is cached
+        self.cancelled = False  # set from any thread; read by the engine thread at the next step
+        # the KV this row holds while it runs, kept by the Batch
+        self.blocks: list[int] = []  # own KV blocks
+        self.kv_slots: torch.Tensor | None = None  # [prefix + own capacity] long: the row's KV slots in order
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    # --- shape ---------------------------------------------------------------------------------------
+
+    @property
+    def prefix_len(self) -> int:
+        """P: KV columns cached before the first input."""
+        return 0 if self.adapter is None else self.adapter.prefix_len
+
+    @property
+    def soft_len(self) -> int:
+        """S: soft-prompt inputs before the prompt."""
+        return 0 if self.adapter is None else self.adapter.soft_len
+
+    @property
+    def prompt_inputs(self) -> int:
+        return self.soft_len + len(self.prompt_ids)
+
+    @property
+    def inputs(self) -> int:
+        """Inputs to compute before the next token can be sampled."""
+        return self.prompt_inputs + len(self.output_ids)
+
+    @property
+    def pending(self) -> int:
+        return self.inputs - self.computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.prompt_inputs
+
+    @property
+    def kv_tokens(self) -> int:
+        """Own KV columns this row may hold at its longest (the prefix aside)."""
+        return self.prompt_inputs + self.sampling.max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.sampling.max_new_tokens - len(self.output_ids)
+
+    def input_ids(self, start: int, end: int) -> list[int]:
+        """Token ids of inputs start:end (0 where an input is a soft-prompt vector)."""
+        soft, prompt = self.soft_len, len(self.prompt_ids)
+        ids = [0] * max(0, min(end, soft) - start)
+        lo, hi = max(start, soft) - soft, max(end, soft) - soft
+        if lo < prompt:
+            ids += self.prompt_ids[lo : min(hi, prompt)]
+        if hi > prompt:
+            ids += self.output_ids[max(lo, prompt) - prompt : hi - prompt]
+        return ids
+
+    # --- output --------------------------------------------------------------------------------------
+
+    def accept(self, token: int, logprob: TokenLogprob | None) -> TokenDelta:
+        """Record one sampled token; the delta says whether the row is done."""
+        self.output_ids.append(token)
+        reason: FinishReason | None = None
+        if token in self.eos_ids:
+            reason = "stop"
+        elif self.remaining <= 0:
+            reason = "length"
+        return self._delta([token], reason, logprobs=None if logprob is None else [logprob])
+
+    def end(self, reason: FinishReason, error: str | None = None) -> None:
+        """Close the stream without a token (cancelled, or a fault)."""
+        self.sink(self._delta([], reason, error=error))
+
+    def _delta(
+        self,
+        token_ids: list[int],
+        reason: FinishReason | None,
+        error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> TokenDelta:
+        return TokenDelta(
+            token_ids=token_ids,
+            text="",
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+            task_version=None if self.adapter is None else self.adapter.key,
+            error=error,
+            logprobs=logprobs,
+        )
