@@ -35,7 +35,7 @@ import torch
 import transformers
 from rich.console import Console
 from rich.table import Table
-from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: may put another checkout on the path
+from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: --compare-with
 
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
