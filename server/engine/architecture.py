@@ -38,6 +38,15 @@ class Architecture:
     def head_dim(self, config: PretrainedConfig) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
+    def context_length(self, config: PretrainedConfig) -> int:
+        """Tokens a row may span. Sliding-window attention is not served: a window caps the context instead,
+        so no key ever falls out of it and full attention is exact."""
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True):
+            context = min(context, window)
+        return context
+
     def is_transposed(self, module: nn.Module) -> bool:
         return isinstance(module, self.transposed_types)
 

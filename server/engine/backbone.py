@@ -144,7 +144,6 @@ def _geometry(model: PreTrainedModel, arch: Architecture) -> Geometry:
         for name, module in model.named_modules()
         if isinstance(module, arch.linear_types) and module is not output
     }
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
     return Geometry(
         model_type=config.model_type,
         num_layers=config.num_hidden_layers,
@@ -153,7 +152,7 @@ def _geometry(model: PreTrainedModel, arch: Architecture) -> Geometry:
         num_kv_heads=arch.num_kv_heads(config),
         head_dim=arch.head_dim(config),
         vocab_size=config.vocab_size,
-        context_length=context,
+        context_length=arch.context_length(config),
         linear_modules=linears,
     )
 

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -27,10 +27,11 @@ from server.engine.batch import Batch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.generation import Generation, Sink
 from server.engine.kv_cache import KVPool
-from server.engine.request import EngineStopped, GenerationRequest, InvalidRequest, QueueFull, TokenDelta
+from server.engine.request import EngineStopped, GenerationRequest, InvalidRequest, TokenDelta
 from server.engine.residency import Lease, Residency
 from server.engine.runner import ModelRunner, RunnerOutput
 from server.engine.scheduler import SchedulerLimits, StepPlan, reserved_blocks, schedule
+from server.engine.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,8 @@ class Engine:
         )
         self.runner = ModelRunner(backbone, self.residency.pool)
         self.batch = Batch(self.pool, lora_backend=settings.lora_backend)
-        self.waiting: deque[Generation] = deque()
+        self.waiting = WaitingQueue(settings.max_queue)
         self.steps = 0
-        self._lock = threading.Lock()  # guards `waiting`
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,9 +97,7 @@ class Engine:
             self._thread = None
         for row in list(self.batch.rows):
             self._finish(row, "error", error="the engine stopped")
-        with self._lock:
-            waiting, self.waiting = list(self.waiting), deque()
-        for row in waiting:
+        for row in self.waiting.drain():
             row.lease.release()
             row.end("error", error="the engine stopped")
 
@@ -144,10 +142,7 @@ class Engine:
         row = Generation(request, lease, sink, self.backbone.eos_token_ids, self.backbone.device)
         try:
             self._validate(row)
-            with self._lock:
-                if len(self.waiting) >= self.settings.max_queue:
-                    raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
-                self.waiting.append(row)
+            self.waiting.push(row)
         except BaseException:
             lease.release()
             raise
@@ -237,9 +232,7 @@ class Engine:
         """Schedule, execute, update."""
         for row in [r for r in self.batch.rows if r.cancelled]:
             self._finish(row, "cancelled")
-        with self._lock:
-            waiting = list(self.waiting)
-        plan = schedule(waiting, self.batch.rows, self.limits)
+        plan = schedule(self.waiting.order(), self.batch.rows, self.limits)
         self._admit(plan)
         if not plan.chunks:
             return
@@ -256,10 +249,8 @@ class Engine:
         )
 
     def _admit(self, plan: StepPlan) -> None:
-        gone = {id(r) for r in (*plan.admitted, *plan.skipped)}
-        if gone:
-            with self._lock:
-                self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+        self.waiting.remove(list(plan.admitted), admitted=True)
+        self.waiting.remove(list(plan.skipped), admitted=False)
         for row in plan.skipped:
             row.lease.release()
             row.end("cancelled")
@@ -297,6 +288,7 @@ class Engine:
     def _update(self, done: Iterable[tuple[Generation, int]], output: RunnerOutput) -> None:
         for row, n in done:
             row.computed += n
+        self.waiting.charge(Counter(row.request.task_id for row in output.rows))
         for row, token, logprob in zip(output.rows, output.tokens, output.logprobs):
             delta = row.accept(token, logprob)
             if delta.finish_reason is not None:
@@ -308,6 +300,9 @@ class Engine:
         """Drop a row from the batch, release its task, close its stream."""
         if row in self.batch.rows:
             self.batch.drop(row)
+            task = row.request.task_id
+            if all(r.request.task_id != task for r in self.batch.rows):
+                self.waiting.forget(task)
         row.lease.release()
         if delta is not None:
             self._emit(row, delta)

@@ -9,6 +9,7 @@ its S + N prompt inputs are computed, then it decodes, one input per step.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from server.engine.residency import Lease
 from server.engine.sampling import make_generator
 
 Sink = Callable[[TokenDelta], None]
+_arrivals = itertools.count()  # submission order, for FIFO within a task
 
 
 class Generation:
@@ -26,6 +28,7 @@ class Generation:
 
     def __init__(self, request: GenerationRequest, lease: Lease, sink: Sink, eos_ids: frozenset[int], device):
         self.request = request
+        self.arrival = next(_arrivals)
         self.lease = lease  # pins the task version on the device until this row ends
         self.adapter: LoadedAdapter | None = lease.adapter
         self.prompt_ids = request.prompt_ids

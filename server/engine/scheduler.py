@@ -2,7 +2,7 @@
 
 No phases: every step, each decoding row computes its one new token (running rows never wait),
 rows part-way through their prompt continue with a chunk, and waiting requests are admitted in
-order while the row limit, the step's token budget and the KV reservations allow, each with a
+order (fair across tasks, see waiting.py) while the row limit, the step's token budget and the KV reservations allow, each with a
 first chunk. A long prompt therefore prefills over several steps alongside the decoding rows.
 
 A row reserves the KV it may hold at its longest (prompt, soft prompt, prefix and every token it
@@ -13,7 +13,7 @@ only taken as the row writes them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,8 +68,11 @@ def reserved_blocks(row: Schedulable, block_size: int) -> int:
     return math.ceil(row.kv_tokens / block_size) + math.ceil(row.prefix_len / block_size)
 
 
-def schedule(waiting: Sequence[Schedulable], running: Sequence[Schedulable], limits: SchedulerLimits) -> StepPlan:
-    """The next step: decode every decoding row, continue prefills, admit what fits. Changes nothing."""
+def schedule(waiting: Iterable[Schedulable], running: Sequence[Schedulable], limits: SchedulerLimits) -> StepPlan:
+    """The next step: decode every decoding row, continue prefills, admit what fits. Changes nothing.
+
+    `waiting` is read in admission order (fair across tasks: `WaitingQueue.order`) and only as far as needed.
+    """
     budget = limits.max_step_tokens
     chunks = []
     for row in running:
