@@ -2,8 +2,9 @@
 
 No phases: every step, each decoding row computes its one new token (running rows never wait),
 rows part-way through their prompt continue with a chunk, and waiting requests are admitted in
-order (fair across tasks, see waiting.py) while the row limit, the step's token budget and the KV reservations allow, each with a
-first chunk. A long prompt therefore prefills over several steps alongside the decoding rows.
+order (fair across tasks, see waiting.py) while the row limit, the step's token budget and the KV
+reservations allow, each with a first chunk. A long prompt therefore prefills over several steps
+alongside the decoding rows.
 
 A row reserves the KV it may hold at its longest (prompt, soft prompt, prefix and every token it
 may generate) when admitted, so a running row never runs out of KV; the blocks themselves are
