@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.adapters.batched import AdapterStep, LoraBackendName
+from server.engine.adapters.pool import AdapterPool
 from server.engine.attention import AttentionPlan
 from server.engine.generation import Generation
 from server.engine.kv_cache import KVPool
@@ -39,10 +40,12 @@ class StepInputs:
 class Batch:
     """The rows that hold KV; `prepare` turns a step's chunks into `StepInputs`."""
 
-    def __init__(self, pool: KVPool, lora_backend: LoraBackendName = "auto"):
+    def __init__(self, pool: KVPool, adapter_pool: AdapterPool, lora_backend: LoraBackendName = "auto"):
         self.pool = pool
+        self.adapter_pool = adapter_pool
         self.lora_backend = lora_backend
         self.rows: list[Generation] = []
+        self._adapters: AdapterStep | None = None  # the last step's: lends its gathered LoRA weights to the next
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,6 +62,8 @@ class Batch:
     def drop(self, row: Generation) -> None:
         """Leave: the row's blocks go back to the pool."""
         self.rows.remove(row)
+        if not self.rows:
+            self._adapters = None  # nothing runs: nothing to keep gathered
         self.pool.free(row.blocks)
         row.blocks = []
         if row.adapter is not None and row.adapter.prefix_kv is not None:
@@ -103,6 +108,8 @@ class Batch:
                 sampled.append(row)
                 sample_index.append(start + n - 1)
         slot_mapping = torch.cat(slot_parts)
+        spans = [(r.adapter, n) for r, n in rows]
+        self._adapters = AdapterStep.build(spans, self.adapter_pool, self.lora_backend, previous=self._adapters)
         return StepInputs(
             rows=tuple(rows),
             token_ids=torch.tensor(ids, dtype=torch.long, device=device),
@@ -110,7 +117,7 @@ class Batch:
             soft_index=torch.tensor(soft_index, device=device) if soft_index else None,
             soft_embeds=torch.cat(soft_parts) if soft_parts else None,
             attention=AttentionPlan.build(self.pool, slot_mapping, decode_rows, prefill_rows),
-            adapters=AdapterStep.build([(r.adapter, n) for r, n in rows], device, self.lora_backend),
+            adapters=self._adapters,
             sampled=tuple(sampled),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         )

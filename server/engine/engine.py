@@ -73,7 +73,7 @@ class Engine:
             block_size=self.pool.block_size,
         )
         self.runner = ModelRunner(backbone, self.residency.pool)
-        self.batch = Batch(self.pool, lora_backend=settings.lora_backend)
+        self.batch = Batch(self.pool, self.residency.pool, lora_backend=settings.lora_backend)
         self.waiting = WaitingQueue(settings.max_queue)
         self.steps = 0
         self._wakeup = threading.Event()

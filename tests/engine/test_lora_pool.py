@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from server.engine.adapters import batched
 from server.engine.adapters.base import Ia3Module, LoadedAdapter, LoraModule
 from server.engine.adapters.batched import AdapterHooks, AdapterStep
 from server.engine.adapters.pool import AdapterPool, family_of
@@ -109,7 +110,7 @@ def test_gathered_and_segmented_equal_the_per_row_reference(stack, rows):
     total = sum(n for _, n in rows)
     x = torch.randn(1, total, 16, generator=torch.Generator().manual_seed(7))
     base = run(model, hooks, None, x)
-    outputs = {b: run(model, hooks, AdapterStep.build(spans, CPU, b), x) for b in ("gathered", "segmented", "loop")}
+    outputs = {b: run(model, hooks, AdapterStep.build(spans, pool, b), x) for b in ("gathered", "segmented", "loop")}
     start = 0
     for name, n in rows:
         rows_out = {b: out[0, start : start + n] for b, out in outputs.items()}
@@ -117,32 +118,61 @@ def test_gathered_and_segmented_equal_the_per_row_reference(stack, rows):
             assert all(torch.equal(o, base[0, start : start + n]) for o in rows_out.values())
         else:  # sanity: the adapter does something
             assert not torch.allclose(rows_out["loop"], base[0, start : start + n], atol=1e-3)
-            alone = run(model, hooks, AdapterStep.build([(installed[name], n)], CPU, "loop"), x[:, start : start + n])
+            alone = run(model, hooks, AdapterStep.build([(installed[name], n)], pool, "loop"), x[:, start : start + n])
             torch.testing.assert_close(rows_out["loop"], alone[0], atol=1e-5, rtol=1e-5)  # independent of its mates
         start += n
     for b in ("gathered", "segmented"):
         torch.testing.assert_close(outputs[b], outputs["loop"], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_segments_for_long_runs_and_gathers_for_scattered_rows(stack):
-    _, _, _, installed = stack
-    prefill = AdapterStep.build([(installed["a"], 40), (installed["b"], 30)], CPU, "auto")
-    decode = AdapterStep.build([(installed[k], 1) for k in "abcabcab"], CPU, "auto")
-    assert {s.method for s in prefill.lora.values()} == {"segmented"}
-    assert {s.method for s in decode.lora.values()} == {"gathered"}
-    assert AdapterStep.build([(None, 3), (installed["d"], 0)], CPU, "auto") is not None  # IA³ only
-    assert AdapterStep.build([(None, 3)], CPU, "auto") is None
+@pytest.fixture
+def gpu_policy(monkeypatch):
+    """auto's split as on a GPU (short runs gathered), to test the mechanism on this machine."""
+    monkeypatch.setitem(batched.SEGMENT_MIN_TOKENS, "cpu", 4)
+
+
+def test_auto_on_a_cpu_computes_every_run_segmented(stack):
+    _, pool, _, installed = stack
+    step = AdapterStep.build([(installed[k], 1) for k in "abcab"], pool, "auto")
+    assert all(s.gathered is None and len(s.runs) >= 2 for s in step.lora.values())
+
+
+def test_auto_segments_long_runs_and_gathers_short_ones(stack, gpu_policy):
+    _, pool, _, installed = stack
+    a, b, c = installed["a"], installed["b"], installed["c"]
+    step = AdapterStep.build([(a, 40), (b, 1), (c, 1), (b, 30), (None, 2), (a, 2)], pool, "auto")
+    up, down = step.lora["layers.{}.up"], step.lora["layers.{}.down"]
+    slot_a, slot_b = a.slots.lora["layers.{}.up"], b.slots.lora["layers.{}.up"]
+    assert up.runs == ((0, 40, slot_a), (42, 72, slot_b))  # prompt-chunk runs: matmuls on the pool's weights
+    assert up.tokens.tolist() == [40, 74, 75] and up.gathered.key[1] == (slot_b, slot_a, slot_a)
+    down_slots = [x.slots.lora["layers.{}.down"] for x in (a, b, c)]
+    assert down.runs == ((0, 40, down_slots[0]), (42, 72, down_slots[1]))
+    assert down.gathered.key[1] == (down_slots[1], down_slots[2], down_slots[0], down_slots[0])
+    assert AdapterStep.build([(None, 3), (installed["d"], 1)], pool, "auto").lora == {}  # IA³ only
+    assert AdapterStep.build([(None, 3)], pool, "auto") is None
+
+
+def test_decode_steps_reuse_the_gathered_weights_until_a_slot_changes(stack, gpu_policy):
+    _, pool, _, installed = stack
+    decode = [(installed[k], 1) for k in "abcab"]
+    first = AdapterStep.build(decode, pool, "auto")
+    again = AdapterStep.build(decode, pool, "auto", previous=first)
+    assert all(again.lora[f].gathered is first.lora[f].gathered for f in first.lora)  # nothing gathered again
+    pool.install(_lora("late@1", {"layers.0.up": 2}, seed=5, scaling=1.0))  # any slot's weights change...
+    after = AdapterStep.build(decode, pool, "auto", previous=again)
+    assert after.lora["layers.{}.up"].gathered is not again.lora["layers.{}.up"].gathered  # ...and it is
+    assert after.lora["layers.{}.down"].gathered is again.lora["layers.{}.down"].gathered
 
 
 def test_each_adapter_is_held_once_and_slots_are_recycled(stack):
     model, pool, hooks, installed = stack
     x = torch.randn(1, 4, 16)
-    before = run(model, hooks, AdapterStep.build([(installed["c"], 4)], CPU, "gathered"), x)
+    before = run(model, hooks, AdapterStep.build([(installed["c"], 4)], pool, "gathered"), x)
     extra = [pool.install(_lora(f"e{i}@1", {"layers.1.down": 2}, seed=10 + i, scaling=1.0)) for i in range(5)]
     family = pool.lora["layers.{}.down"]
     assert family.slots.capacity >= 8  # grew past its first 4 slots; the rank stayed the largest seen (4)
     assert family.a.shape == (2, family.slots.capacity, 4, 24)
-    after_growth = run(model, hooks, AdapterStep.build([(installed["c"], 4)], CPU, "gathered"), x)
+    after_growth = run(model, hooks, AdapterStep.build([(installed["c"], 4)], pool, "gathered"), x)
     assert torch.equal(before, after_growth)  # a grown pool keeps every slot's weights
     freed = extra[1].slots.lora["layers.{}.down"]
     pool.release(extra[1])
@@ -153,10 +183,10 @@ def test_each_adapter_is_held_once_and_slots_are_recycled(stack):
     fresh_hooks = AdapterHooks(model, fresh)
     try:
         alone = fresh.install(_lora("f@1", {"layers.1.down": 1}, seed=99, scaling=1.0))
-        expected = run(model, fresh_hooks, AdapterStep.build([(alone, 4)], CPU, "gathered"), x)
+        expected = run(model, fresh_hooks, AdapterStep.build([(alone, 4)], fresh, "gathered"), x)
     finally:
         fresh_hooks.remove()
-    assert torch.equal(run(model, hooks, AdapterStep.build([(again, 4)], CPU, "gathered"), x), expected)
+    assert torch.equal(run(model, hooks, AdapterStep.build([(again, 4)], pool, "gathered"), x), expected)
     assert again.lora == {} and again.pooled_bytes == 1 * (24 + 8) * 4  # host copies dropped; its own bytes
 
 

@@ -88,9 +88,10 @@ def test_mixed_batch_with_rows_joining_mid_flight_matches_peft(arch_setup):
         assert generation.output_ids == expected[job], job
 
 
-def test_lora_backends_agree_in_a_mixed_batch(arch_setup):
+@pytest.mark.parametrize("backend", ["loop", "gathered"])
+def test_lora_backends_agree_in_a_mixed_batch(arch_setup, backend):
     model, dirs, expected = arch_setup
-    engine = make_engine(model, dirs, lora_backend="loop")
+    engine = make_engine(model, dirs, lora_backend=backend)
     generations = {
         (kind, i): engine.submit(request(PROMPTS[i], kind), sink=lambda d: None)
         for kind in dirs

@@ -1,16 +1,18 @@
 """Per-step adapter data, and the hooks that apply it inside the backbone's linear layers.
 
 Long-lived weights sit once in the `AdapterPool`; `AdapterStep`, built for each step from its
-rows' slots, is the only thing a layer sees: for each family, which packed tokens carry which
-slot. Rows without an adapter on a layer get exactly the base output.
+rows' slots, is the only thing a layer sees. Rows without an adapter on a layer get exactly the
+base output. Rows are packed grouped by adapter, so a family's LoRA tokens come in runs of one
+slot, and each run is computed the cheaper way:
 
-LoRA has three ways to compute a family's term, chosen per step by the step's shape:
+- segmented (SGMV-like), for long runs (a prompt chunk, many rows of one adapter): two plain
+  matmuls per run on the pool's own weights, at the adapter's own rank — no copy;
+- gathered (BGMV-like), for short runs on a GPU (decoding rows of many adapters): the tokens' A and B are
+  gathered once for all layers and applied with two batched matmuls per layer, whatever the number
+  of adapters; the gathered weights are reused by the next steps while the same slots come back
+  (a run is short, so this holds at most a few copies of an adapter, and only while it runs).
 
-- gathered (BGMV-like): each token's A and B gathered from the pool by its slot, two batched
-  matmuls — one call whatever the number of adapters, at the price of a per-token weight gather;
-- segmented (SGMV-like): rows are packed grouped by adapter, so tokens sharing a slot are one
-  contiguous run, and each run is two plain matmuls on the pool's own weights (no copy);
-- loop: the reference, one row at a time, exactly PEFT's `lora_B(lora_A(x)) * scaling`.
+`loop` is the reference: one row at a time, exactly PEFT's `lora_B(lora_A(x)) * scaling`.
 """
 
 from __future__ import annotations
@@ -29,21 +31,46 @@ from server.engine.adapters.pool import AdapterPool, LoraFamily
 
 LoraBackendName = Literal["auto", "gathered", "segmented", "loop"]
 
-# "auto" runs a family segmented once its LoRA tokens average this many per run of one slot: then
-# a few plain matmuls beat gathering every token's weights (measured in bench/lora_backends.py).
-SEGMENT_MIN_TOKENS = 4
+# "auto" computes a run of one slot segmented once it has this many tokens, and gathers shorter runs. On a CPU
+# two matmul calls per run cost less than any gather, however short the run (bench/lora_backends.py), so every
+# run is segmented; on a GPU each call is a kernel launch, and short runs of many adapters are gathered into one
+# batched matmul, as Punica's BGMV does (a guess until measured on a GPU: docs/benchmarks.md).
+SEGMENT_MIN_TOKENS = {"cpu": 1, "cuda": 8}
 
 Segment = tuple[int, int, int]  # packed tokens start:end share pool slot `slot`
 
 
 @dataclass(frozen=True)
-class LoraStep:
-    """The tokens of one step that carry a LoRA in one family."""
+class Gathered:
+    """Some tokens' LoRA weights, one row per token, for every layer of a family."""
 
-    method: Literal["gathered", "segmented", "loop"]
-    tokens: torch.Tensor | None  # [n] long: their packed indices; None when every token of the step has one
-    slots: torch.Tensor  # [n] long: each token's slot
-    segments: tuple[Segment, ...]  # runs of one slot, in packed order (one per row for the loop)
+    key: tuple  # (the family's generation, the tokens' slots): equal keys, equal weights
+    a: torch.Tensor  # [layers, n, rank, in]
+    b: torch.Tensor  # [layers, n, out, rank]
+    scaling: torch.Tensor  # [layers, n, 1]
+
+    @classmethod
+    def of(cls, family: LoraFamily, slots: tuple[int, ...], previous: Gathered | None) -> Gathered:
+        key = (family.generation, slots)
+        if previous is not None and previous.key == key:
+            return previous
+        index = torch.tensor(slots, device=family.a.device)
+        return cls(
+            key=key,
+            a=family.a.index_select(1, index),
+            b=family.b.index_select(1, index),
+            scaling=family.scaling.index_select(1, index)[:, :, None],
+        )
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """The tokens of one step that carry a LoRA in one family, and how each part is computed."""
+
+    runs: tuple[Segment, ...]  # computed run by run: segmented, or by the reference loop
+    reference: bool  # runs go through the per-row reference loop
+    gathered: Gathered | None  # the short runs' tokens, gathered
+    tokens: torch.Tensor | None  # [n] long: packed indices of the gathered tokens; None: all tokens, in order
 
 
 @dataclass(frozen=True)
@@ -51,116 +78,113 @@ class AdapterStep:
     """What every adaptable layer applies in one step, by family."""
 
     lora: dict[str, LoraStep]
-    ia3_in: dict[str, torch.Tensor]  # family -> [tokens] long: each token's IA³ slot (0: none)
-    ia3_out: dict[str, torch.Tensor]
+    ia3_in: dict[str, torch.Tensor]  # family -> [layers, tokens, in]: each token's IA³ input scale (1: none)
+    ia3_out: dict[str, torch.Tensor]  # family -> [layers, tokens, out]
 
     @classmethod
     def build(
         cls,
         spans: Sequence[tuple[LoadedAdapter | None, int]],
-        device: torch.device,
+        pool: AdapterPool,
         backend: LoraBackendName = "auto",
+        previous: AdapterStep | None = None,
     ) -> AdapterStep | None:
-        """spans: each row's adapter and token count, in packed order. None when no row needs a per-step adapter."""
-        rows = [(adapter.slots, n) for adapter, n in spans if adapter is not None and adapter.slots is not None]
-        if not rows:
+        """spans: each row's adapter and token count, in packed order; `previous` lends its gathered weights.
+
+        None when no row needs a per-step adapter.
+        """
+        placed, start = [], 0
+        for adapter, n in spans:
+            if adapter is not None and adapter.slots is not None:
+                placed.append((adapter.slots, start, n))
+            start += n
+        if not placed:
             return None
-        starts, total = [], 0
-        for _, n in spans:
-            starts.append(total)
-            total += n
-        placed = [
-            (adapter.slots, start, n)
-            for (adapter, n), start in zip(spans, starts)
-            if adapter is not None and adapter.slots is not None
-        ]
-        lora = {
-            family: _lora_step([(s.lora.get(family), start, n) for s, start, n in placed], total, device, backend)
-            for family in sorted({f for slots, _ in rows for f in slots.lora})
-        }
+        total, device = start, pool.device
+        lora = {}
+        for family in sorted({f for slots, _, _ in placed for f in slots.lora}):
+            rows = [(slots.lora[family], s, n) for slots, s, n in placed if family in slots.lora]
+            before = previous.lora.get(family) if previous is not None else None
+            lora[family] = _lora_step(pool.lora[family], rows, total, device, backend, before)
         ia3 = []
-        for side in ("ia3_in", "ia3_out"):
-            families = sorted({f for slots, _ in rows for f in getattr(slots, side)})
-            ia3.append(
-                {
-                    f: _token_slots([(getattr(s, side).get(f), st, n) for s, st, n in placed], total, device)
-                    for f in families
-                }
-            )
+        for side, table in (("ia3_in", pool.ia3_in), ("ia3_out", pool.ia3_out)):
+            families = sorted({f for slots, _, _ in placed for f in getattr(slots, side)})
+            per_token = {}
+            for family in families:
+                token_slots = [0] * total
+                for slots, s, n in placed:
+                    if family in getattr(slots, side):
+                        token_slots[s : s + n] = [getattr(slots, side)[family]] * n
+                per_token[family] = table[family].vectors.index_select(1, torch.tensor(token_slots, device=device))
+            ia3.append(per_token)
         return cls(lora=lora, ia3_in=ia3[0], ia3_out=ia3[1])
 
 
-def _segments(rows: list[tuple[int | None, int, int]], merge: bool) -> list[Segment]:
+def _lora_step(family, rows, total, device, backend: LoraBackendName, before: LoraStep | None) -> LoraStep:
     segments: list[Segment] = []
     for slot, start, n in rows:
-        if slot is None:
-            continue
-        if merge and segments and segments[-1][2] == slot and segments[-1][1] == start:
-            segments[-1] = (segments[-1][0], start + n, slot)
+        if backend != "loop" and segments and segments[-1][2] == slot and segments[-1][1] == start:
+            segments[-1] = (segments[-1][0], start + n, slot)  # rows of one adapter side by side: one run
         else:
             segments.append((start, start + n, slot))
-    return segments
-
-
-def _lora_step(rows: list[tuple[int | None, int, int]], total: int, device, backend: LoraBackendName) -> LoraStep:
-    segments = _segments(rows, merge=backend != "loop")
-    count = sum(end - start for start, end, _ in segments)
-    method = backend
-    if backend == "auto":
-        method = "segmented" if count >= SEGMENT_MIN_TOKENS * len(segments) else "gathered"
-    every = count == total and len(segments) > 0 and segments[0][0] == 0
-    tokens = None if every else torch.tensor([t for s, e, _ in segments for t in range(s, e)], device=device)
-    slots = torch.tensor([slot for s, e, slot in segments for _ in range(s, e)], device=device)
-    return LoraStep(method=method, tokens=tokens, slots=slots, segments=tuple(segments))
-
-
-def _token_slots(rows: list[tuple[int | None, int, int]], total: int, device) -> torch.Tensor:
-    slots = [0] * total
-    for slot, start, n in rows:
-        if slot is not None:
-            slots[start : start + n] = [slot] * n
-    return torch.tensor(slots, device=device)
+    if backend in ("segmented", "loop"):
+        runs, short = segments, []
+    elif backend == "gathered":
+        runs, short = [], segments
+    else:
+        least = SEGMENT_MIN_TOKENS.get(device.type, 1)
+        runs = [s for s in segments if s[1] - s[0] >= least]
+        short = [s for s in segments if s[1] - s[0] < least]
+    gathered, tokens = None, None
+    if short:
+        slots = tuple(slot for start, end, slot in short for _ in range(start, end))
+        gathered = Gathered.of(family, slots, before.gathered if before is not None else None)
+        every = len(slots) == total  # then the short runs cover every token, in order
+        if not every:
+            tokens = torch.tensor([t for start, end, _ in short for t in range(start, end)], device=device)
+    return LoraStep(runs=tuple(runs), reference=backend == "loop", gathered=gathered, tokens=tokens)
 
 
 # --- LoRA arithmetic --------------------------------------------------------------------------------
 
 
-def lora_gathered(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
-    """out [tokens, out] += each LoRA token's term, its weights gathered by slot. x [tokens, in] fp32."""
+def lora_gathered(x: torch.Tensor, out: torch.Tensor, layer: int, step: LoraStep) -> None:
+    """out [tokens, out] += the gathered tokens' terms. x [tokens, in] fp32."""
+    g = step.gathered
     xs = x if step.tokens is None else x.index_select(0, step.tokens)  # [n, in]
-    a = pool.a[layer].index_select(0, step.slots)  # [n, rank, in]
-    b = pool.b[layer].index_select(0, step.slots)  # [n, out, rank]
-    delta = torch.bmm(b, torch.bmm(a, xs[:, :, None]))[:, :, 0]  # [n, out]
-    delta *= pool.scaling[layer].index_select(0, step.slots)[:, None]
+    h = torch.bmm(g.a[layer], xs[:, :, None])  # [n, rank, 1]
+    delta = torch.bmm(g.b[layer], h)[:, :, 0] * g.scaling[layer]  # [n, out]
     if step.tokens is None:
         out += delta
     else:
         out.index_add_(0, step.tokens, delta)
 
 
-def lora_segmented(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
-    """Each run of one slot as two matmuls on the pool's weights, at the adapter's own rank."""
-    a_all, b_all = pool.a[layer], pool.b[layer]
-    ranks, scalings = pool.host_rank[layer], pool.host_scaling[layer]
-    for start, end, slot in step.segments:
-        rank = ranks[slot]
-        if rank:
-            delta = (x[start:end] @ a_all[slot, :rank].T) @ b_all[slot, :, :rank].T  # [run, out]
-            out[start:end] += delta * scalings[slot]
+def lora_segmented(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
+    """Each run as two matmuls on the pool's own weights, at the adapter's own rank."""
+    views, scalings = family.views[layer], family.host_scaling[layer]
+    for start, end, slot in step.runs:
+        if views[slot] is not None:
+            a_t, b_t = views[slot]  # [in, rank], [rank, out]
+            out[start:end].addmm_(x[start:end] @ a_t, b_t, alpha=scalings[slot])
 
 
-def lora_loop(x: torch.Tensor, out: torch.Tensor, pool: LoraFamily, layer: int, step: LoraStep) -> None:
+def lora_loop(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
     """The reference: PEFT's `lora_B(lora_A(x)) * scaling`, one row at a time."""
-    for start, end, slot in step.segments:
-        rank = pool.host_rank[layer][slot]
+    for start, end, slot in step.runs:
+        rank = family.host_rank[layer][slot]
         if rank:
-            a, b = pool.a[layer, slot, :rank], pool.b[layer, slot, :, :rank]
-            out[start:end] += (
-                nn.functional.linear(nn.functional.linear(x[start:end], a), b) * pool.host_scaling[layer][slot]
-            )
+            a, b = family.a[layer, slot, :rank], family.b[layer, slot, :, :rank]
+            delta = nn.functional.linear(nn.functional.linear(x[start:end], a), b)
+            out[start:end] += delta * family.host_scaling[layer][slot]
 
 
-LORA_METHODS = {"gathered": lora_gathered, "segmented": lora_segmented, "loop": lora_loop}
+def apply_lora(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
+    """out [tokens, out] += the step's LoRA terms for this family's layer. x [tokens, in] fp32."""
+    if step.gathered is not None:
+        lora_gathered(x, out, layer, step)
+    if step.runs:
+        (lora_loop if step.reference else lora_segmented)(x, out, family, layer, step)
 
 
 class AdapterHooks:
@@ -196,8 +220,7 @@ class AdapterHooks:
         if step is None or family not in step.ia3_in:
             return None
         x = args[0]  # [1, tokens, in]
-        vectors = self.pool.ia3_in[family].vectors[layer].index_select(0, step.ia3_in[family])  # [tokens, in]
-        return ((x * vectors).to(x.dtype), *args[1:])
+        return ((x * step.ia3_in[family][layer]).to(x.dtype), *args[1:])
 
     def _adapt_output(self, family: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
         step = self.current
@@ -206,8 +229,8 @@ class AdapterHooks:
         dtype = output.dtype
         out = output.float()  # [1, tokens, out]: the layer's fresh output (or an fp32 copy): ours to update
         if family in step.ia3_out:
-            out[0] *= self.pool.ia3_out[family].vectors[layer].index_select(0, step.ia3_out[family])
+            out[0] *= step.ia3_out[family][layer]
         lora = step.lora.get(family)
         if lora is not None:
-            LORA_METHODS[lora.method](args[0][0].float(), out[0], self.pool.lora[family], layer, lora)
+            apply_lora(args[0][0].float(), out[0], self.pool.lora[family], layer, lora)
         return out.to(dtype)

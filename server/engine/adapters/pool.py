@@ -46,6 +46,10 @@ class _Slots:
     def take(self) -> int | None:
         return self.free.pop(0) if self.free else None
 
+    def give_back(self, slot: int) -> None:
+        self.free.append(slot)
+        self.free.sort()
+
     def grow(self, capacity: int) -> None:
         self.free += range(max(self.capacity, 1), capacity)
         self.capacity = capacity
@@ -58,11 +62,14 @@ class LoraFamily:
         self.layers, self.in_features, self.out_features, self.device = layers, in_features, out_features, device
         self.slots = _Slots()
         self.rank = 0
+        self.generation = 0  # bumped whenever a slot's weights change: gathered copies key on it
         self.a = torch.zeros(layers, 0, 0, in_features, device=device)  # [layers, slots, rank, in]
         self.b = torch.zeros(layers, 0, out_features, 0, device=device)  # [layers, slots, out, rank]
         self.scaling = torch.zeros(layers, 0, device=device)  # [layers, slots]
-        self.host_scaling: list[list[float]] = [[] for _ in range(layers)]  # [layer][slot], read by segmented steps
-        self.host_rank: list[list[int]] = [[] for _ in range(layers)]  # [layer][slot], 0 where no LoRA
+        # host-side, read by segmented steps without touching the device: [layer][slot]
+        self.host_scaling: list[list[float]] = [[] for _ in range(layers)]
+        self.host_rank: list[list[int]] = [[] for _ in range(layers)]  # 0 where the slot has no LoRA
+        self.views: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [[] for _ in range(layers)]  # A^T, B^T
 
     def install(self, modules: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> int:
         """modules: layer -> (A [r, in], B [out, r], scaling); returns the slot."""
@@ -74,15 +81,26 @@ class LoraFamily:
         self.a[:, slot].zero_()
         self.b[:, slot].zero_()
         self.scaling[:, slot] = 0.0
-        for layer in range(self.layers):
-            self.host_scaling[layer][slot], self.host_rank[layer][slot] = 0.0, 0
+        self._set_host(slot, {})
         for layer, (a, b, scaling) in modules.items():
             r = a.shape[0]
             self.a[layer, slot, :r] = a
             self.b[layer, slot, :, :r] = b
             self.scaling[layer, slot] = scaling
-            self.host_scaling[layer][slot], self.host_rank[layer][slot] = scaling, r
+        self._set_host(slot, {layer: (a.shape[0], s) for layer, (a, _, s) in modules.items()})
+        self.generation += 1
         return slot
+
+    def release(self, slot: int) -> None:
+        self._set_host(slot, {})
+        self.slots.give_back(slot)
+        self.generation += 1
+
+    def _set_host(self, slot: int, ranks: dict[int, tuple[int, float]]) -> None:
+        for layer in range(self.layers):
+            rank, scaling = ranks.get(layer, (0, 0.0))
+            self.host_rank[layer][slot], self.host_scaling[layer][slot] = rank, scaling
+            self.views[layer][slot] = (self.a[layer, slot, :rank].T, self.b[layer, slot, :, :rank].T) if rank else None
 
     def _resize(self, capacity: int, rank: int) -> None:
         old = self.slots.capacity
@@ -96,7 +114,12 @@ class LoraFamily:
         for layer in range(self.layers):
             self.host_scaling[layer] += [0.0] * (capacity - old)
             self.host_rank[layer] += [0] * (capacity - old)
+            self.views[layer] = [
+                (a[layer, slot, :r].T, b[layer, slot, :, :r].T) if (r := self.host_rank[layer][slot]) else None
+                for slot in range(capacity)
+            ]
         self.slots.grow(capacity)
+        self.generation += 1
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +147,9 @@ class VectorFamily:
         for layer, vector in vectors.items():
             self.vectors[layer, slot] = vector
         return slot
+
+    def release(self, slot: int) -> None:
+        self.slots.give_back(slot)
 
     @property
     def nbytes(self) -> int:
@@ -185,8 +211,7 @@ class AdapterPool:
                 (self.ia3_out, adapter.slots.ia3_out),
             ):
                 for family, slot in slots.items():
-                    table[family].slots.free.append(slot)
-                    table[family].slots.free.sort()
+                    table[family].release(slot)
 
     @property
     def nbytes(self) -> int:
