@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     for col in ("layer", "step", "tokens", "base", "gathered", "segmented", "loop", "auto"):
         table.add_column(col, justify="right")
     for layer_name, (fan_in, fan_out) in LAYERS.items():
-        geometry = Geometry("bench", 1, fan_in, 1, 1, 1, 1, 1, linear_modules={"layers.0.f": LinearShape(fan_in, fan_out, False)})
+        shapes = {"layers.0.f": LinearShape(fan_in, fan_out, False)}
+        geometry = Geometry("bench", 1, fan_in, 1, 1, 1, 1, 1, linear_modules=shapes)
         pool = AdapterPool(geometry, torch.device("cpu"))
         adapters = [
             pool.install(
@@ -84,11 +86,11 @@ def main(argv=None) -> None:
             tokens = sum(n for _, n in rows)
             x = torch.randn(tokens, fan_in, generator=g)
             out = torch.zeros(tokens, fan_out)
-            cells = [f"{timed(lambda: x @ weight.T, args.repeats):.0f}"]
+            cells = [f"{timed(partial(torch.matmul, x, weight.T), args.repeats):.0f}"]
             for method in ("gathered", "segmented", "loop", "auto"):
                 # a decode step's gathered weights are reused by the next ones: build once, as the engine would
                 step = AdapterStep.build(spans, pool, method).lora["layers.{}.f"]
-                cells.append(f"{timed(lambda: apply_lora(x, out, family, 0, step), args.repeats):.0f}")
+                cells.append(f"{timed(partial(apply_lora, x, out, family, 0, step), args.repeats):.0f}")
             table.add_row(layer_name, shape_name, str(tokens), *cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     least = SEGMENT_MIN_TOKENS.get("cpu")
