@@ -223,10 +223,10 @@ def test_template_text_and_description_are_rendered_inert(page: Page, admin: htt
     page.fill("#t-examples .example >> nth=0 >> [data-role=input]", "France")
     page.fill("#t-examples .example >> nth=0 >> [data-role=output]", '"><svg onload="window.__pwned=3">')
     page.fill("#t-input-prefix", "Country: ")
-    screenshot(page, "upload-template")
     page.click("#upload-submit")
     expect(page.locator("#task-description")).to_have_text(XSS_DESCRIPTION)  # the markup, as text
     expect(page.locator("#config")).to_contain_text('<img src=x onerror=\\"window.__pwned=1\\">')
+    screenshot(page, "escaped")
     page.goto("/console/#/tasks?q=xss")
     expect(page.locator("#task-table tr[data-task=xss-probe]")).to_contain_text("<script>window.__pwned=2</script>")
     assert page.evaluate("window.__pwned") is None

@@ -102,9 +102,8 @@ export function card(title, ...body) {
 }
 
 export function toast(message, kind = 'ok') {
-  const box = document.getElementById('toasts');
   const note = h('div', { class: `toast ${kind}`, role: kind === 'error' ? 'alert' : 'status' }, message);
-  box.append(note);
+  clear(document.getElementById('toasts'), note); // the latest news only
   setTimeout(() => note.remove(), 5000);
 }
 

@@ -102,7 +102,9 @@ export function render(container, { session, taskId }) {
   async function remove(info) {
     const ok = await confirmDialog({
       title: `Delete task ${info.task_id}?`,
-      body: h('p', {}, 'This deletes ', h('strong', {}, info.task_id), ` and all its ${info.versions.length} version${info.versions.length === 1 ? '' : 's'}. Requests already running finish first; it cannot be undone.`),
+      body: h('p', {}, 'This deletes ', h('strong', {}, info.task_id),
+        info.versions.length === 1 ? ' and its only version' : ` and all its ${info.versions.length} versions`,
+        '. Requests already running finish first; it cannot be undone.'),
       action: `Delete ${info.task_id}`,
       danger: true,
       confirmText: info.task_id,
