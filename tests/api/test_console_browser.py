@@ -186,6 +186,18 @@ def test_a_bad_upload_shows_the_servers_message_next_to_the_field(page: Page, ad
     page.click("#upload-submit")
     expect(page.locator("[data-error-for=task_id]")).to_contain_text("invalid task id")
 
+    page.fill("#task-id", "too-many-examples")
+    page.click("#tab-template")
+    page.evaluate(  # one example more than a template may hold
+        """() => {
+            for (let i = 0; i < 65; i++) document.querySelector('#add-example').click();
+            for (const box of document.querySelectorAll('#t-examples textarea')) box.value = 'x';
+        }"""
+    )
+    page.click("#upload-submit")
+    expect(page.locator("#template-panel [data-error-for=examples]")).to_contain_text("at most 64")
+    assert admin.get("/v1/tasks/too-many-examples").status_code == 404
+
 
 def test_upload_progress_for_a_large_file(page: Page):
     sign_in(page, ADMIN, "#/upload")

@@ -5,11 +5,12 @@
 import { upload } from '../api.js';
 import { h, clear, route, bytes, toast } from '../dom.js';
 import { droppedFiles, isArchive, basename, readConfigKeys, templateField, fileFor } from './upload_files.js';
+import { templateEditor } from './upload_template.js';
 
 export const needs = 'admin';
 
 export function render(container, { session, query }) {
-  const state = { mode: 'files', files: [], sentRows: [], busy: false };
+  const state = { mode: 'files', files: [], busy: false };
 
   function errorSlot(name) {
     return h('div', { class: 'field-error', role: 'alert', hidden: true, dataset: { errorFor: name } });
@@ -21,7 +22,7 @@ export function render(container, { session, query }) {
   /** The error slot of a field: by name, an example's input/output by its row, else the panel's own. */
   function slotFor(name) {
     const example = /^examples\.(\d+)\.(input|output)$/.exec(name);
-    const scope = example ? state.sentRows[Number(example[1])] : container;
+    const scope = example ? editor.exampleRow(Number(example[1])) : container;
     const slot = scope?.querySelector(`[data-error-for="${CSS.escape(example ? example[2] : name)}"]`);
     return slot ?? container.querySelector(`[data-error-for="${state.mode === 'files' ? 'files' : 'template'}"]`);
   }
@@ -83,47 +84,8 @@ export function render(container, { session, query }) {
   folderInput.addEventListener('change', () => setFiles([...folderInput.files].map((file) => ({ file, path: file.webkitRelativePath || file.name }))));
 
   // --- template ---
-  const area = (id, rows, placeholder = '') => h('textarea', { class: 'input mono', id, rows: String(rows), placeholder, spellcheck: 'false' });
-  const system = area('t-system', 2, 'You are a helpful assistant.');
-  const instruction = area('t-instruction', 3, 'Answer with the capital city only.');
-  const prefix = area('t-input-prefix', 1, 'Country: ');
-  const suffix = area('t-input-suffix', 1, '\\nCapital:');
-  const chat = h('input', { type: 'checkbox', id: 't-chat' });
-  const examples = h('div', { class: 'examples', id: 't-examples' });
-  function addExample(input = '', output = '') {
-    const row = h('div', { class: 'example' },
-      field('Input', h('textarea', { class: 'input mono', rows: '2', value: input, dataset: { role: 'input' } }), 'input'),
-      field('Output', h('textarea', { class: 'input mono', rows: '2', value: output, dataset: { role: 'output' } }), 'output'),
-      h('button', { type: 'button', class: 'btn btn-ghost btn-small', 'aria-label': 'remove example', onclick: () => row.remove() }, '✕'));
-    examples.append(row);
-  }
-  const templatePanel = h('div', { class: 'panel', id: 'template-panel', hidden: true },
-    errorSlot('template'),
-    field('System', system, 'system', 'optional'),
-    field('Instruction', instruction, 'instruction', 'placed before the examples'),
-    h('div', { class: 'field' }, h('span', { class: 'label' }, 'Few-shot examples'), examples, errorSlot('examples'),
-      h('button', { type: 'button', class: 'btn btn-small', id: 'add-example', onclick: () => addExample() }, '+ Add example')),
-    h('div', { class: 'two-col' },
-      field('Input prefix', prefix, 'input_prefix', 'before each input'),
-      field('Input suffix', suffix, 'input_suffix', 'after each input')),
-    h('label', { class: 'check' }, chat, ' Render with the model’s chat template (examples become user/assistant turns)'),
-    errorSlot('chat'));
-
-  function template() {
-    // empty rows are left out; sentRows maps the server's examples.N back to the row on screen
-    state.sentRows = [...examples.children].filter((row) => [...row.querySelectorAll('textarea')].some((t) => t.value));
-    return {
-      system: system.value || null,
-      instruction: instruction.value || null,
-      examples: state.sentRows.map((row) => ({
-        input: row.querySelector('[data-role=input]').value,
-        output: row.querySelector('[data-role=output]').value,
-      })),
-      input_prefix: prefix.value,
-      input_suffix: suffix.value,
-      chat: chat.checked,
-    };
-  }
+  const editor = templateEditor(field, errorSlot);
+  const templatePanel = editor.node;
 
   // --- tabs, submit, progress ---
   const tabs = ['files', 'template'].map((mode) => h('button', {
@@ -164,7 +126,7 @@ export function render(container, { session, query }) {
       else for (const { file, path } of state.files) body.append('files', file, path);
       if (description.value) body.append('description', description.value);
     } else {
-      body = { template: template(), description: description.value || null };
+      body = { template: editor.value(), description: description.value || null };
     }
     state.busy = true;
     submit.disabled = true;
