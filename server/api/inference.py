@@ -50,6 +50,8 @@ async def start_generation(
     """
     started = time.perf_counter()
     lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+    if metrics is not None and lease.adapter is not None:
+        metrics.last_use.touch(task_id)
     try:
         prompt_ids = encode(engine, lease.adapter, prompt=prompt, messages=messages)
         if fill_context:

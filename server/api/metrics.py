@@ -16,6 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.usage import LastUse
+
 router = APIRouter(tags=["operations"])
 
 # seconds; a CPU backbone sits at the top of both ranges, a GPU at the bottom
@@ -68,6 +70,7 @@ class Metrics:
         self.store_errors = Counter(
             "taskserve_store_errors", "Requests answered 503 because the task store was unavailable.", registry=registry
         )
+        self.last_use = LastUse()  # per task, so never a Prometheus label; the console shows it
 
     def count_error(self, kind: str) -> None:
         """Called for every mapped error response, with its type."""

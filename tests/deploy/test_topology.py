@@ -19,8 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from browser import chromium, console_page, sign_in
 from deploy_cluster import Nginx, Replica
 from peft_reference import make_adapter
+from playwright.sync_api import expect
 from render_nginx import NGINX_CONF, REPO, upstream_addresses
 
 from server.engine.backbone import DEFAULT_MODEL, Backbone
@@ -216,6 +218,27 @@ def test_a_new_version_reaches_every_replica_within_a_second(
             assert time.monotonic() - uploaded < 1.0, f"{replica.name} still serves version 1 after 1 s"
             time.sleep(0.05)
     assert generate(proxy, task_id).json()["version"] == 2
+
+
+def test_the_console_works_through_the_proxy(proxy: httpx.Client, tasks: dict[str, str], cluster: Cluster) -> None:
+    """Relative URLs, one asset digest on every replica, streams unbuffered, task calls sent to the task's replica."""
+    nginx, replicas = cluster
+    digests = {re.search(r"assets/([0-9a-f]+)/", httpx.get(f"{r.url}/console/").text)[1] for r in replicas}
+    assert len(digests) == 1  # a page from one replica loads its assets from any other
+    task_id = next(iter(tasks))
+    with chromium() as browser, console_page(browser, nginx.url) as page:
+        page.goto("/")
+        expect(page).to_have_url(f"{nginx.url}/console/")
+        sign_in(page, ADMIN_KEY, f"#/tasks?q={task_id.rsplit('-', 1)[0]}")
+        expect(page.locator("#task-table tbody tr")).to_have_count(len(tasks))
+        page.goto(f"/console/#/playground?a={task_id}&b=base")
+        page.fill("#prompt", "Once upon a time")
+        page.fill("#s-max-new-tokens", "4")
+        page.click("#run")
+        expect(page.locator("#stats-a .finish")).to_have_text(re.compile(r"· v\d+$"))
+        expect(page.locator("#stats-b .finish")).to_contain_text("base")
+        page.goto(f"/console/#/tasks/{task_id}")  # last use is known only on the task's replica: X-Task-Id got there
+        expect(page.locator("#last-use")).to_have_text(re.compile(r"ago|just now"))
 
 
 def test_the_proxy_keeps_serving_every_task_when_a_replica_dies(
