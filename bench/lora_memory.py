@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: --compare-with
 
+from adapters_store import open_store
 from server.config import EngineSettings
 from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
@@ -87,8 +88,9 @@ def measure(args) -> dict:
     root = args.adapters_dir or Path(tempfile.mkdtemp(prefix="taskserve-loramem-"))
     tasks = make_tasks(maker, root, args.adapters, kinds=("lora_all_r16",), prefix="mem")
     adapter_bytes = sum((t.path / "adapter_model.safetensors").stat().st_size for t in tasks)
-    # no host tier: on a CPU it would be a second copy of each adapter in the same RAM
-    residency = Residency(backbone, host_bytes=0)
+    # files on disk and no host tier: on a CPU either would be another copy of each adapter in the same RAM
+    store = open_store(f"file://{tempfile.mkdtemp(prefix='taskserve-loramem-store-')}")
+    residency = Residency(backbone, store, host_bytes=0)
     engine = Engine(backbone, EngineSettings(max_batch_size=args.rows), residency)
     prompts = make_prompts(backbone.tokenizer, args.rows, 12)
     release_freed_memory()
@@ -112,6 +114,7 @@ def measure(args) -> dict:
         return time.perf_counter() - started
 
     release_freed_memory()  # what parsing the uploads left behind is not what serving holds
+    loaded = (torch.cuda.memory_allocated() - before) if cuda else current_rss() - before_rss
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     watch = PeakRSS(before_rss)
@@ -120,6 +123,7 @@ def measure(args) -> dict:
     return {
         "variant": args.variant,
         "peak_bytes": peak,
+        "loaded_bytes": loaded,
         "tokens_per_s": args.rows * args.new_tokens / seconds,
         "adapter_bytes": adapter_bytes,
         "memory": "CUDA allocated" if cuda else "RSS",
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
     table = Table(
         title=f"{args.rows} rows, {args.new_tokens} new tokens each, over {args.adapters} all-linear r=16 LoRAs"
     )
-    for col in ("engine", "base peak", "LoRA peak", "LoRA - base", "adapters' bytes", "tok/s base", "tok/s LoRA"):
+    columns = ("engine", "base peak", "LoRA loaded", "LoRA peak", "LoRA - base", "adapters' bytes", "tok/s base")
+    for col in (*columns, "tok/s LoRA"):
         table.add_column(col, justify="right")
     for name, tree in trees.items():
         base = run_elsewhere(__file__, [*child, "--variant", "base"], tree)
@@ -157,6 +162,7 @@ def main(argv=None) -> None:
         table.add_row(
             name,
             f"{base['peak_bytes'] / MiB:.0f} MiB",
+            f"{lora['loaded_bytes'] / MiB:.0f} MiB",
             f"{lora['peak_bytes'] / MiB:.0f} MiB",
             f"{(lora['peak_bytes'] - base['peak_bytes']) / MiB:.0f} MiB",
             f"{lora['adapter_bytes'] / MiB:.0f} MiB",

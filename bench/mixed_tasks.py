@@ -239,6 +239,18 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
     cuda = engine.backbone.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     run_engine(engine, prompts, task_ids, lengths)  # warm-up at full length
+    hooks = engine.runner.hooks
+    calls = {"hook calls": 0}
+    for name in ("_scale_input", "_adapt_output"):  # count what the hooks cost: every call is Python
+        bound = getattr(hooks, name)
+
+        def counted(*args, _bound=bound):
+            calls["hook calls"] += 1
+            return _bound(*args)
+
+        setattr(hooks, name, counted)
+    hooks.remove()
+    hooks.__init__(engine.backbone.model, hooks.pool)  # re-register with the counting methods
     steps = engine.steps
     with profile(activities=activities) as prof:
         wall, _ = timed(engine.backbone.device, lambda: run_engine(engine, prompts, task_ids, lengths))
@@ -247,9 +259,13 @@ def profile_engine(engine: Engine, prompts, task_ids, lengths) -> None:
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(averages.table(sort_by=sort_by, row_limit=25))  # plain: rich would re-wrap the profiler's table
     op_seconds = sum(e.self_cpu_time_total for e in averages) / 1e6
+    built = sum(e.count for e in averages if e.key in ("aten::lift_fresh", "aten::empty_strided", "aten::empty"))
+    ops = sum(e.count for e in averages if e.key.startswith("aten::"))
     console.print(
         f"N={len(prompts)}: {steps} steps in {wall:.2f} s under the profiler ({wall / steps * 1e3:.1f} ms/step); "
-        f"ops' self CPU time {op_seconds:.2f} s, so ~{max(0.0, wall - op_seconds):.2f} s is Python outside any op"
+        f"ops' self CPU time {op_seconds:.2f} s, so ~{max(0.0, wall - op_seconds):.2f} s is Python outside any op. "
+        f"Per step: {calls['hook calls'] / steps:.0f} hook calls, {ops / steps:.0f} aten ops, "
+        f"{built / steps:.0f} tensors allocated"
     )
 
 

@@ -233,7 +233,9 @@ class Engine:
         for row in [r for r in self.batch.rows if r.cancelled]:
             self._finish(row, "cancelled")
         plan = schedule(self.waiting.order(), self.batch.rows, self.limits)
-        self._admit(plan)
+        failed = self._admit(plan)
+        if failed:
+            plan = plan.only([row for row, _ in plan.chunks if row not in failed])
         if not plan.chunks:
             return
         started = time.perf_counter()
@@ -248,18 +250,26 @@ class Engine:
             else (elapsed, plan.tokens)
         )
 
-    def _admit(self, plan: StepPlan) -> None:
+    def _admit(self, plan: StepPlan) -> list[Generation]:
+        """Move the plan's admitted rows from the queue into the batch; returns the ones that failed to join."""
         self.waiting.remove(list(plan.admitted), admitted=True)
         self.waiting.remove(list(plan.skipped), admitted=False)
         for row in plan.skipped:
             row.lease.release()
             row.end("cancelled")
+        failed = []
         for row in plan.admitted:
             adapter = row.adapter
-            if adapter is not None and adapter.needs_template_kv:
-                # a template's leading tokens: prefilled once, here on the engine thread, then shared
-                adapter.prefix_kv = self.runner.prefix_kv(adapter.template_ids)
-            self.batch.add(row)
+            try:
+                if adapter is not None and adapter.needs_template_kv:
+                    # a template's leading tokens: prefilled once, here on the engine thread, then shared
+                    adapter.prefix_kv = self.runner.prefix_kv(adapter.template_ids)
+                self.batch.add(row)
+            except Exception as exc:
+                log.exception("a row failed to join the batch (task %s)", row.request.task_id)
+                self._finish(row, "error", error=f"{type(exc).__name__}: {exc}")
+                failed.append(row)
+        return failed
 
     def _execute(self, plan: StepPlan) -> tuple[list[tuple[Generation, int]], RunnerOutput]:
         """Run the plan; a fault is narrowed down by halves to the rows it comes from, which end alone.

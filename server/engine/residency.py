@@ -206,14 +206,17 @@ class Residency:
                 self._host.move_to_end(key)
                 return files
         files = self.store.get(task_id, version).files
-        size = sum(len(d) for d in files.values())
         with self._lock:
-            self._host[key] = files
-            while sum(len(d) for f in self._host.values() for d in f.values()) > self.host_budget and self._host:
-                self._host.popitem(last=False)
-            self.stats.host_bytes = sum(len(d) for f in self._host.values() for d in f.values())
-        log.debug("fetched %s from the store (%d bytes)", key, size)
+            self._keep_on_host(key, files)
+        log.debug("fetched %s from the store (%d bytes)", key, sum(len(d) for d in files.values()))
         return files
+
+    def _keep_on_host(self, key: str, files: Mapping[str, bytes]) -> None:
+        """Cache a version's files in host RAM within the host budget, least recently used out (lock held)."""
+        self._host[key] = files
+        while sum(len(d) for f in self._host.values() for d in f.values()) > self.host_budget and self._host:
+            self._host.popitem(last=False)
+        self.stats.host_bytes = sum(len(d) for f in self._host.values() for d in f.values())
 
     def _materialise(self, key: str, files: Mapping[str, bytes]) -> LoadedAdapter:
         if TEMPLATE_FILE in files:
@@ -288,7 +291,7 @@ class Residency:
                     self._device[key] = entry  # warm on this replica
                 except ResidencyFull:
                     pass
-            self._host[key] = dict(files)
+            self._keep_on_host(key, dict(files))
             self._set_current(task_id, info.version)
             self._update_stats()
         return info

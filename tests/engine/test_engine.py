@@ -360,6 +360,25 @@ def test_a_prefill_fault_ends_only_the_rows_being_prefilled(make_engine):
     assert [g.output_ids for g in rows] == expected
 
 
+def test_a_row_that_cannot_join_ends_alone(make_engine):
+    requests = [req(P0, max_new_tokens=8), req(P2, "lora", max_new_tokens=8)]
+    expected = run(make_engine(), requests)
+    engine = make_engine()
+    add = engine.batch.add
+
+    def faulty_add(row):
+        if row.request.task_id == "prefix":
+            raise RuntimeError("no room for the prefix")
+        add(row)
+
+    engine.batch.add = faulty_add
+    sinks = [Sink(), Sink(), Sink()]
+    rows = [engine.submit(r, s) for r, s in zip([requests[0], req(P1, "prefix"), requests[1]], sinks)]
+    engine.run_until_idle()
+    assert _ends(sinks[1]) == [("error", "RuntimeError: no room for the prefix")] and rows[1].output_ids == []
+    assert [rows[0].output_ids, rows[2].output_ids] == expected
+
+
 def test_a_passing_fault_costs_a_retry_not_rows(make_engine):
     requests = [req(P0, max_new_tokens=8), req(P1, "prefix", max_new_tokens=8), req(P2, "lora", max_new_tokens=8)]
     expected = run(make_engine(), requests)
