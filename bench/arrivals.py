@@ -95,7 +95,7 @@ def measure(args) -> dict:
     try:
         streams = []
         for i, prompt in enumerate(short):
-            streams.append(engine.submit(request(prompt, tasks[i % len(tasks)].task_id, 4096), sink_for(f"run{i}")))
+            streams.append(engine.submit(request(prompt, tasks[i % len(tasks)].task_id, 2000), sink_for(f"run{i}")))
         while len(stamps) < args.running:  # every stream running before arrivals start
             time.sleep(0.05)
         time.sleep(args.warmup)
