@@ -59,7 +59,7 @@ SERVED_PEFT_TYPES = {
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 
 MAX_MEMBERS = 1000  # archive entries; bounds header parsing however small the files are
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 1 << 20  # a LoRA on every linear of a 70B model needs ~200 kB; padding past this is refused
 MAX_EXAMPLES = 64
 MAX_TEMPLATE_BYTES = 64 << 10
 
@@ -278,8 +278,8 @@ def inspect_peft(files: Mapping[str, bytes]) -> PeftSummary:
             raise FormatError(f"the upload lacks {name} (send the files of a PEFT save_pretrained directory)")
     try:
         config = json.loads(files[CONFIG_FILE])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+        raise FormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise FormatError(f"{CONFIG_FILE} must be a JSON object with a string peft_type")
     peft_type = config["peft_type"]
@@ -297,12 +297,14 @@ def _inspect_safetensors(data: bytes) -> tuple[int, int]:
     if len(data) < 8:
         raise FormatError(f"{where} is too short to be a safetensors file")
     header_len = int.from_bytes(data[:8], "little")
-    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+    if header_len > len(data) - 8:
         raise FormatError(f"{where}: the header length {header_len} does not fit the file ({len(data)} bytes)")
+    if header_len > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: the header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where}: the header is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+        raise FormatError(f"{where}: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{where}: the header must be a JSON object")
     metadata = header.pop("__metadata__", None)
