@@ -10,10 +10,12 @@ from typing import TypeVar
 
 import anyio
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.api.admission import Admission
 from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
 from server.engine.adapters import LoadedAdapter
@@ -43,16 +45,20 @@ async def start_generation(
     messages: Sequence[Mapping[str, str]] | None = None,
     fill_context: bool = False,
     metrics: Metrics | None = None,
+    admission: Admission | None = None,
 ) -> AsyncIterator[TokenDelta]:
-    """Lease the task, tokenise, submit; bad input and a full queue raise here, before any byte is sent.
+    """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
+    is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop.
 
     `fill_context`: generate up to what the context and the server's limits leave (`sampling.max_new_tokens`
     is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
+    if admission is not None:
+        admission.admit(engine, sampling.max_new_tokens)
     lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
     try:
-        prompt_ids = encode(engine, lease.adapter, prompt=prompt, messages=messages)
+        prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
         if fill_context:
             room = room_for(engine, lease.adapter, prompt_ids)
             sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
@@ -60,7 +66,7 @@ async def start_generation(
     except BaseException:
         lease.release()
         raise
-    return _observed(deltas, metrics, started) if metrics is not None else deltas
+    return _observed(deltas, metrics, admission, started) if metrics is not None else deltas
 
 
 def encode(
@@ -87,6 +93,9 @@ def encode(
         ids = tokenizer.encode(prompt or "")
     if not ids:
         raise InvalidRequest("the prompt is empty")
+    limit = engine.backbone.geometry.context_length
+    if len(ids) >= limit:  # refused here, on this thread, rather than checked token by token on the event loop
+        raise InvalidRequest(f"the prompt is {len(ids)} tokens; the context length is {limit}")
     return tuple(ids)
 
 
@@ -109,7 +118,9 @@ def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[in
     return min(engine.settings.max_new_tokens, limit - columns)
 
 
-async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started: float) -> AsyncIterator[TokenDelta]:
+async def _observed(
+    deltas: AsyncIterator[TokenDelta], metrics: Metrics, admission: Admission | None, started: float
+) -> AsyncIterator[TokenDelta]:
     """Pass the deltas through, timing them; closing this closes the engine's stream (which cancels the row)."""
     last: float | None = None
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
@@ -121,12 +132,17 @@ async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started
                     metrics.time_to_first_token.observe(now - started)
                     metrics.prompt_tokens.inc(delta.prompt_tokens)
                 else:
+                    gap = (now - last) / len(delta.token_ids)
                     for _ in delta.token_ids:
-                        metrics.inter_token_latency.observe((now - last) / len(delta.token_ids))
+                        metrics.inter_token_latency.observe(gap)
+                    if admission is not None:
+                        admission.step(gap)
                 last = now
                 metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
+                if admission is not None and finish in ("stop", "length"):
+                    admission.finished(delta.completion_tokens)
             yield delta
     finally:
         metrics.generations.labels(finish_reason=finish).inc()
@@ -189,6 +205,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not done:
         raise ClientDisconnect()
     return done[0]
+
+
+# one server-sent event, as OpenAPI documents a `text/event-stream` response (for Swagger UI and Schemathesis)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["message", "error"], "description": "error: the generation failed"},
+        "data": {"type": "string", "description": "one JSON object (OpenAI routes end with `[DONE]`)"},
+    },
+}
 
 
 class EventStream(StreamingResponse):

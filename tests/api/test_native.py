@@ -69,7 +69,12 @@ def test_upload_then_generate_uses_the_task(client, lora_dir):
     tuned = generate(client, "greeter", prompt=prompt).json()
     base = generate(client, "base", prompt=prompt).json()
     assert tuned["version"] == 1 and tuned["token_ids"] != base["token_ids"]
-    assert upload(client, "greeter", peft_files(lora_dir)).json()["version"] == 2
+    described = client.post(
+        "/v1/tasks/greeter/versions",
+        files=[("files", f) for f in peft_files(lora_dir).items()],
+        data={"description": "the same files, now described"},
+    )
+    assert described.status_code == 201 and described.json()["version"] == 2
     assert generate(client, "greeter", prompt=prompt).json()["version"] == 2
 
 
@@ -140,7 +145,8 @@ def test_archive_upload_rollback_and_task_info(client, lora_dir):
             tar.add(lora_dir / name, arcname=f"my-adapter/{name}")
     created = client.post("/v1/tasks/archived/versions", files={"archive": ("a.tar.gz", buffer.getvalue())})
     assert created.status_code == 201, created.text
-    assert upload(client, "archived", peft_files(lora_dir)).json()["version"] == 2
+    files = [("files", f) for f in peft_files(lora_dir).items()]
+    assert client.post("/v1/tasks/archived/versions", files=files, data={"description": "v2"}).json()["version"] == 2
     info = client.get("/v1/tasks/archived").json()
     assert info["version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
     assert info["resident"] is True  # the uploading replica keeps what it just validated
