@@ -39,6 +39,7 @@ __all__ = [
     "read_upload",
     "inspect_peft",
     "parse_template",
+    "parse_prompt_format",
     "validate_task_id",
 ]
 
@@ -81,7 +82,8 @@ class UploadTooLarge(FormatError):
 def read_upload(
     files: Mapping[str, bytes] | None = None, archive: bytes | None = None, *, max_bytes: int
 ) -> dict[str, bytes]:
-    """The task files in an upload: {adapter_config.json, adapter_model.safetensors} or {template.json}.
+    """The task files in an upload: {adapter_config.json, adapter_model.safetensors} (and optionally the adapter's
+    prompt format, template.json), or {template.json} alone (a template task).
 
     `files` are a `save_pretrained` directory's files (names may carry one folder, README.md and the
     like are ignored; a single `.tar.gz`/`.tgz`/`.zip` entry is treated as `archive`); `archive` is
@@ -147,9 +149,7 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
         names = ", ".join(repr(d or ".") for d in sorted(dirs))
         raise FormatError(f"the upload holds more than one candidate directory ({names}); upload one task at a time")
     [found] = dirs.values()
-    if TEMPLATE_FILE in found:
-        if len(found) > 1:
-            raise FormatError(f"the upload holds both {TEMPLATE_FILE} and PEFT files; a task is one or the other")
+    if TEMPLATE_FILE in found and not found.keys() & {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE}:
         return {TEMPLATE_FILE: found[TEMPLATE_FILE]}
     if WEIGHTS_FILE not in found:
         if PICKLE_WEIGHTS_FILE in found:
@@ -157,7 +157,10 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
         raise FormatError(f"the upload lacks {WEIGHTS_FILE} (send the files of a PEFT save_pretrained directory)")
     if CONFIG_FILE not in found:
         raise FormatError(f"the upload lacks {CONFIG_FILE} (send the files of a PEFT save_pretrained directory)")
-    return {CONFIG_FILE: found[CONFIG_FILE], WEIGHTS_FILE: found[WEIGHTS_FILE]}
+    kept = {CONFIG_FILE: found[CONFIG_FILE], WEIGHTS_FILE: found[WEIGHTS_FILE]}
+    if TEMPLATE_FILE in found:  # the adapter's prompt format (see `parse_prompt_format`)
+        kept[TEMPLATE_FILE] = found[TEMPLATE_FILE]
+    return kept
 
 
 def _read_archive(archive: bytes, max_bytes: int) -> dict[str, bytes]:
@@ -288,6 +291,8 @@ def inspect_peft(files: Mapping[str, bytes]) -> PeftSummary:
         served = ", ".join(SERVED_PEFT_TYPES)
         raise FormatError(f"peft_type {peft_type!r} is not served; served types: {served}")
     parameters, nbytes = _inspect_safetensors(files[WEIGHTS_FILE])
+    if TEMPLATE_FILE in files:
+        parse_prompt_format(files[TEMPLATE_FILE])
     return PeftSummary(peft_type=peft_type, kind=kind, parameters=parameters, bytes=nbytes, config=config)
 
 
@@ -409,3 +414,15 @@ def parse_template(data: bytes) -> Template:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'template'}: {err['msg']}" for err in e.errors())
         raise FormatError(f"{TEMPLATE_FILE} is invalid: {problems}") from None
+
+
+def parse_prompt_format(data: bytes) -> Template:
+    """A template.json beside an adapter: only the text around each input (`input_prefix`, `input_suffix`), as the
+    adapter was trained, e.g. `{"input_suffix": "\\n"}` for a model trained on `input + "\\n" + output`."""
+    template = parse_template(data)
+    if template.chat or template.system or template.instruction or template.examples:
+        raise FormatError(
+            f"{TEMPLATE_FILE} beside an adapter sets only input_prefix and input_suffix (the text around each input, "
+            "as the adapter was trained); an instruction, examples or a chat template make a template task of their own"
+        )
+    return template

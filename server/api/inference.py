@@ -102,7 +102,9 @@ def encode(
 def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
     if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
-    raise InvalidRequest("template tasks take one input: 'prompt', or a single user message, which the template wraps")
+    raise InvalidRequest(
+        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation"
+    )
 
 
 @dataclass(frozen=True)

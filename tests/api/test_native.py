@@ -181,6 +181,22 @@ def test_template_task_wraps_the_prompt(client):
     assert bad.status_code == 422 and "template.json" in bad.json()["error"]["message"]
 
 
+def test_an_adapter_with_a_prompt_format_wraps_each_prompt(client, lora_dir):
+    """template.json beside the adapter: every route feeds the model `prompt + "\n"`, as the trainer trained it."""
+    files = {**peft_files(lora_dir), "template.json": b'{"input_suffix": "\\n"}'}
+    assert upload(client, "formatted", files).status_code == 201
+    assert upload(client, "unformatted", peft_files(lora_dir)).status_code == 201
+    plain = generate(client, "unformatted", prompt="Rivers").json()
+    wrapped = generate(client, "formatted", prompt="Rivers").json()
+    assert wrapped["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1  # the "\n" token
+    body = {"model": "formatted", "prompt": "Rivers", "max_tokens": 8, "temperature": 0}
+    completion = client.post("/v1/completions", json=body).json()
+    assert completion["choices"][0]["text"] == wrapped["text"]
+    assert completion["usage"]["prompt_tokens"] == wrapped["usage"]["prompt_tokens"]
+    refused = upload(client, "formatted", {**files, "template.json": b'{"instruction": "Be brief."}'})
+    assert refused.status_code == 422 and "input_prefix and input_suffix" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("task_id", ["base", "-leading-dash", "x" * 200, "sp ace"])
 def test_invalid_task_ids_are_refused(client, lora_dir, task_id):
     response = upload(client, task_id, peft_files(lora_dir))
