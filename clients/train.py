@@ -88,6 +88,9 @@ class TrainOptions:
     max_length: int = 512  # tokens per example; longer ones are cut (their tail)
     init_text: str | None = None  # prompt tuning's initial text; None: the training outputs' most frequent words
     lora_rank: int = 8
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
     device: str = "auto"
 
@@ -144,7 +147,11 @@ def _p_tuning(options: TrainOptions, model_dir: Path, records: Sequence[Record],
 def _lora(options: TrainOptions, model_dir: Path, records: Sequence[Record], tokens: int | None):
     rank = options.lora_rank
     return LoraConfig(
-        task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=options.lora_alpha if options.lora_alpha is not None else 2 * rank,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.lora_targets),
     )
 
 

@@ -122,3 +122,14 @@ def test_a_request_that_would_wait_too_long_is_429_at_once(backbone):
         assert int(refused.headers["retry-after"]) >= 1
         wait_until(lambda: client.app.state.engine.running is None)  # the reader left: its row is cancelled
         assert client.post("/v1/completions", json={"model": "base", "prompt": "hi"}).status_code == 200
+
+
+def test_server_help_names_env_variables_defaults_and_units(capsys):
+    with pytest.raises(SystemExit):
+        Settings(_cli_parse_args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in Settings.model_fields:
+        assert f"TASKSERVE_{name.upper()}" in text, name
+    for shown in ("--max-upload-bytes SIZE", "(default: 256MiB)", "--body-idle-timeout SECONDS", "--api-keys KEYS"):
+        assert shown in text, shown
+    assert "default factory" not in text and "SecretStr" not in text and "268435456" not in text

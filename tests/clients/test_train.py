@@ -100,6 +100,19 @@ def test_each_method_saves_a_servable_adapter(method: str, tiny_model: Path, exa
         assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
 
 
+def test_the_same_seed_trains_the_same_adapter(tiny_model: Path, examples: Path, tmp_path: Path):
+    """Same seed, data, machine and thread count: bit-identical weights and losses (docs/quickstart.md, what varies)."""
+    data = examples / "e2e" / "train.jsonl"
+
+    def run(seed: int, name: str) -> tuple[float, bytes]:
+        options = TrainOptions(method="prefix", data=data, out=tmp_path / name, model=tiny_model, steps=2, seed=seed)
+        trained = train(options)
+        return trained.train_loss, (tmp_path / name / "adapter_model.safetensors").read_bytes()
+
+    first, again, other = run(7, "a"), run(7, "b"), run(8, "c")
+    assert first == again and first[1] != other[1]
+
+
 def test_plain_records_are_cut_where_the_server_cuts_prompts(default_model_dir: Path):
     """The prompt is what the server feeds the model for this input, in the saved format; no separator is learned."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
