@@ -219,6 +219,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
         created = client.upload(args.task, args.path, description=args.description)
     if wants_json(args):
         print_json(created)
+    elif created.unchanged:
+        out.print(f"unchanged: [bold]{escape(created.task_id)}[/] version {created.version} already holds these files")
     else:
         out.print(f"uploaded [bold]{escape(created.task_id)}[/] version {created.version}: {_describe(created)}")
     return 0
