@@ -1,6 +1,7 @@
-"""Fault tests on loopback: Redis going down, `kill -9` in the middle of an upload, a replica dying behind the proxy.
+"""Fault tests on loopback: Redis going down, `kill -9` in the middle of an upload, a replica dying behind the proxy,
+and huge prompts sent while the probes are watched.
 
-    python bench/faults.py                 # all three, about 5 minutes on two cores
+    python bench/faults.py                 # all four, about 5 minutes on two cores
     python bench/faults.py redis kill9     # some of them
 
 Each prints what a client saw, in numbers, for docs/reliability.md. It starts its own processes (redis-server,
@@ -190,6 +191,50 @@ def replica_killed(work: Path, redis_url: str) -> None:
             replica.stop()
 
 
+def huge_prompts(work: Path) -> None:
+    print("\n## huge prompts, with /health probed every 50 ms\n")
+    replica = Replica("huge", work, store="memory://", env={})
+    replica.start()
+    replica.wait_ready()
+    probes: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=replica.url, timeout=60) as http:
+            while not done.is_set():
+                started = time.perf_counter()
+                http.get("/health")
+                probes.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+    watcher = threading.Thread(target=probe)
+    watcher.start()
+    rows = []
+    try:
+        with httpx.Client(base_url=replica.url, timeout=120) as http:
+            for size in (20_000_000, 2_000_000):  # over the 2 MiB body limit, and just under it
+                body = json.dumps({"prompt": "lorem ipsum " * (size // 12), "max_new_tokens": 4})
+                probes.clear()
+                started = time.perf_counter()
+                response = http.post(
+                    "/v1/tasks/base/generate", content=body, headers={"content-type": "application/json"}
+                )
+                took = time.perf_counter() - started
+                slowest = max(probes, default=0.0) * 1000
+                rows.append(
+                    (
+                        f"a {len(body) / 1e6:.0f} MB prompt",
+                        f"{status(response)} after {took:.2f} s; "
+                        f"/health at most {slowest:.0f} ms meanwhile ({len(probes)} probes)",
+                    )
+                )
+    finally:
+        done.set()
+        watcher.join()
+        replica.stop()
+    table(rows)
+
+
 def table(rows: list[tuple[str, str]]) -> None:
     print("| what | result |\n|---|---|")
     for what, result in rows:
@@ -198,8 +243,8 @@ def table(rows: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", choices=["redis", "kill9", "proxy"], default=[])
-    chosen = parser.parse_args().scenarios or ["redis", "kill9", "proxy"]
+    parser.add_argument("scenarios", nargs="*", choices=["redis", "kill9", "proxy", "huge"], default=[])
+    chosen = parser.parse_args().scenarios or ["redis", "kill9", "proxy", "huge"]
     with tempfile.TemporaryDirectory(prefix="taskserve-faults-") as tmp:
         work = Path(tmp)
         if "redis" in chosen:
@@ -208,6 +253,9 @@ def main() -> None:
         if "kill9" in chosen:
             (work / "kill9").mkdir()
             kill9_mid_upload(work / "kill9")
+        if "huge" in chosen:
+            (work / "huge").mkdir()
+            huge_prompts(work / "huge")
         if "proxy" in chosen:
             (work / "proxy").mkdir()
             redis = RedisServer(work / "proxy")

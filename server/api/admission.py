@@ -3,9 +3,10 @@
 A bounded queue alone turns overload away too late: a full queue of 1,024 requests on a CPU is minutes of waiting,
 and every client times out before its turn. Instead each request is admitted only when its estimated wait for a
 place in the batch is within `max_queue_wait` seconds. The estimate (`estimated_wait`) is one small pure function
-of figures the engine exposes (queue length, running rows, the batch-size limit) and two the API measures as tokens
-stream out (how long an engine step takes: the gap between two tokens of a row; how many tokens a row generates
-before it leaves). An engine that measures these itself can feed `estimated_wait` directly.
+of how many requests are in the system (admitted and not finished: running, being prefilled, or waiting), the
+batch-size limit, and two figures measured as tokens stream out: how long an engine step takes (the gap between two
+tokens of a row) and how many tokens a row generates before it leaves. An engine that reports these itself can feed
+`estimated_wait` directly.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ class Overloaded(QueueFull):
 class Load:
     """What the estimate is made of, read at one instant."""
 
-    queued: int  # requests waiting for admission
-    running: int  # rows in the running batch
+    in_system: int  # requests admitted and not finished: running, being prefilled, or waiting for a row
     max_rows: int  # the batch-size limit
     step_seconds: float | None  # recent mean duration of one engine step (one forward); None: not measured yet
     tokens_per_row: float  # mean tokens a row generates before it leaves the batch (its steps in the batch)
@@ -42,16 +42,30 @@ class Load:
 def estimated_wait(load: Load) -> float:
     """Seconds a request arriving now waits for its first forward.
 
-    Requests ahead of it beyond the free rows must wait for rows to finish; a row holds its place for
+    Requests ahead of it beyond the batch's rows must wait for rows to finish; a row holds its place for
     `tokens_per_row` steps and `max_rows` rows run side by side, so a place frees up every
-    `tokens_per_row * step_seconds / max_rows` seconds. Unmeasured (a cold server) counts as no wait.
+    `tokens_per_row * step_seconds / max_rows` seconds. A cold server, which has not measured a step yet, takes
+    what fits in the batch and counts anything more as an unbounded wait: a burst at start-up is not queued for
+    minutes before the first tokens show how long steps take.
     """
-    if load.step_seconds is None:
-        return 0.0
-    ahead = load.queued + 1 - max(0, load.max_rows - load.running)
+    ahead = load.in_system + 1 - load.max_rows
     if ahead <= 0:
         return 0.0
+    if load.step_seconds is None:
+        return math.inf
     return ahead * load.tokens_per_row * load.step_seconds / load.max_rows
+
+
+class Ticket:
+    """One admitted request's place in the count; `release` (idempotent) when it ends, however it ends."""
+
+    def __init__(self, admission: Admission):
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.left()
 
 
 class Admission:
@@ -60,29 +74,44 @@ class Admission:
     def __init__(self, max_wait: float):
         self.max_wait = max_wait
         self._lock = threading.Lock()
+        self._in_system = 0
         self._step_seconds: float | None = None  # between two tokens of one row: one engine step
         self._tokens_per_row: float | None = None  # measured; until then the mean asked for
         self._asked: float | None = None
 
-    def admit(self, engine: Engine, max_new_tokens: int) -> None:
-        """Raise `Overloaded` if this request would wait longer than `max_wait` for a place in the batch."""
+    def admit(self, engine: Engine, max_new_tokens: int) -> Ticket:
+        """A ticket for this request, or `Overloaded` if it would wait longer than `max_wait` for a place."""
         running = engine.running  # one read: the engine thread may swap it meanwhile
+        engine_count = len(engine.scheduler.waiting) + (len(running) if running is not None else 0)
         with self._lock:
             self._asked = _mean(self._asked, max_new_tokens)
             load = Load(
-                queued=len(engine.scheduler.waiting),
-                running=len(running) if running is not None else 0,
+                in_system=max(self._in_system, engine_count),  # the engine's count sees requests from elsewhere too
                 max_rows=engine.settings.max_batch_size,
                 step_seconds=self._step_seconds,
                 tokens_per_row=self._tokens_per_row if self._tokens_per_row is not None else self._asked,
             )
-        wait = estimated_wait(load)
-        if wait > self.max_wait:
-            raise Overloaded(
-                f"the server is overloaded: a new request would wait about {wait:.0f} s for a place in the batch "
-                f"(the limit is {self.max_wait:g} s); retry later",
-                retry_after=max(1, math.ceil(wait - self.max_wait)),
-            )
+            wait = estimated_wait(load)
+            if wait <= self.max_wait:
+                self._in_system += 1
+                return Ticket(self)
+        if math.isinf(wait):
+            raise Overloaded("the server is overloaded: the batch is full and it is still starting; retry shortly", 1)
+        raise Overloaded(
+            f"the server is overloaded: a new request would wait about {wait:.0f} s for a place in the batch "
+            f"(the limit is {self.max_wait:g} s); retry later",
+            retry_after=max(1, math.ceil(wait - self.max_wait)),
+        )
+
+    @property
+    def in_system(self) -> int:
+        """Requests admitted here and not finished yet."""
+        with self._lock:
+            return self._in_system
+
+    def left(self) -> None:
+        with self._lock:
+            self._in_system -= 1
 
     def step(self, seconds: float) -> None:
         """The time between two consecutive tokens of one row: one engine step."""

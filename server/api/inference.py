@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.api.admission import Admission
+from server.api.admission import Admission, Ticket
 from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
 from server.engine.adapters import LoadedAdapter
@@ -54,19 +55,28 @@ async def start_generation(
     is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
-    if admission is not None:
-        admission.admit(engine, sampling.max_new_tokens)
-    lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+    ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
     try:
-        prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
-        if fill_context:
-            room = room_for(engine, lease.adapter, prompt_ids)
-            sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
-        deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+        lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+        try:
+            prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
+            if fill_context:
+                room = room_for(engine, lease.adapter, prompt_ids)
+                sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
+            deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+        except BaseException:
+            lease.release()
+            raise
     except BaseException:
-        lease.release()
+        if ticket is not None:
+            ticket.release()
         raise
-    return _observed(deltas, metrics, admission, started) if metrics is not None else deltas
+    if metrics is None and ticket is None:
+        return deltas
+    observed = _observed(deltas, started, metrics, admission, ticket)
+    if ticket is not None:  # a stream dropped before its first read never runs its finally
+        weakref.finalize(observed, ticket.release)
+    return observed
 
 
 def encode(
@@ -121,9 +131,14 @@ def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[in
 
 
 async def _observed(
-    deltas: AsyncIterator[TokenDelta], metrics: Metrics, admission: Admission | None, started: float
+    deltas: AsyncIterator[TokenDelta],
+    started: float,
+    metrics: Metrics | None,
+    admission: Admission | None,
+    ticket: Ticket | None,
 ) -> AsyncIterator[TokenDelta]:
-    """Pass the deltas through, timing them; closing this closes the engine's stream (which cancels the row)."""
+    """Pass the deltas through, timing them for the metrics and the admission's estimate; closing this closes the
+    engine's stream (which cancels the row) and gives the request's place back."""
     last: float | None = None
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
     try:
@@ -131,23 +146,29 @@ async def _observed(
             if delta.token_ids:
                 now = time.perf_counter()
                 if last is None:
-                    metrics.time_to_first_token.observe(now - started)
-                    metrics.prompt_tokens.inc(delta.prompt_tokens)
+                    if metrics is not None:
+                        metrics.time_to_first_token.observe(now - started)
+                        metrics.prompt_tokens.inc(delta.prompt_tokens)
                 else:
                     gap = (now - last) / len(delta.token_ids)
-                    for _ in delta.token_ids:
-                        metrics.inter_token_latency.observe(gap)
+                    if metrics is not None:
+                        for _ in delta.token_ids:
+                            metrics.inter_token_latency.observe(gap)
                     if admission is not None:
                         admission.step(gap)
                 last = now
-                metrics.completion_tokens.inc(len(delta.token_ids))
+                if metrics is not None:
+                    metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
                 if admission is not None and finish in ("stop", "length"):
                     admission.finished(delta.completion_tokens)
             yield delta
     finally:
-        metrics.generations.labels(finish_reason=finish).inc()
+        if ticket is not None:
+            ticket.release()
+        if metrics is not None:
+            metrics.generations.labels(finish_reason=finish).inc()
         await deltas.aclose()
 
 

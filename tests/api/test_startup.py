@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -94,15 +95,28 @@ def test_the_store_password_never_reaches_the_log_or_the_probes(backbone, caplog
 @pytest.mark.parametrize(
     ("load", "wait"),
     [
-        (Load(queued=0, running=0, max_rows=8, step_seconds=None, tokens_per_row=100), 0.0),  # cold: unmeasured
-        (Load(queued=0, running=7, max_rows=8, step_seconds=0.1, tokens_per_row=100), 0.0),  # a free row
-        (Load(queued=3, running=4, max_rows=8, step_seconds=0.1, tokens_per_row=100), 0.0),  # free rows for all
-        (Load(queued=0, running=8, max_rows=8, step_seconds=0.1, tokens_per_row=100), 1.25),  # the next to finish
-        (Load(queued=15, running=8, max_rows=8, step_seconds=0.1, tokens_per_row=100), 20.0),  # two batches ahead
+        (Load(in_system=0, max_rows=8, step_seconds=None, tokens_per_row=100), 0.0),  # cold, a free row
+        (Load(in_system=8, max_rows=8, step_seconds=None, tokens_per_row=100), math.inf),  # cold and full
+        (Load(in_system=7, max_rows=8, step_seconds=0.1, tokens_per_row=100), 0.0),  # the last free row
+        (Load(in_system=8, max_rows=8, step_seconds=0.1, tokens_per_row=100), 1.25),  # the next to finish
+        (Load(in_system=23, max_rows=8, step_seconds=0.1, tokens_per_row=100), 20.0),  # two batches ahead
     ],
 )
 def test_estimated_wait(load, wait):
     assert estimated_wait(load) == pytest.approx(wait)
+
+
+def test_every_request_gives_its_place_back(open_client):
+    """Answered, refused after admission (400, 404), streamed, or left early: the count of requests in the system
+    returns to zero, so the estimate never counts requests that are gone."""
+    admission = open_client.app.state.admission
+    assert open_client.post("/v1/tasks/base/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    assert open_client.post("/v1/tasks/base/generate", json={"prompt": "x " * 9000}).status_code == 400
+    assert open_client.post("/v1/tasks/missing/generate", json={"prompt": "hi"}).status_code == 404
+    body = {"model": "base", "prompt": "hi", "max_tokens": 3, "stream": True}
+    with open_client.stream("POST", "/v1/completions", json=body) as stream:
+        next(stream.iter_lines())  # leaves after the first event
+    wait_until(lambda: admission.in_system == 0, timeout=10)
 
 
 def test_a_request_that_would_wait_too_long_is_429_at_once(backbone):
