@@ -6,7 +6,8 @@
 
 Each client sends generations back to back until the time is up: half streamed (server-sent events), a share of
 those closed after the first token (a client that leaves), the rest plain JSON. A 429 is counted and honoured
-(the client waits its Retry-After, capped at 5 s). Meanwhile /health and /ready are probed 4 times a second.
+(the client waits its Retry-After, capped at 5 s). Meanwhile /health and /ready are probed 4 times a second, from
+a process of their own, on the main port and on the probe port (`probe_port`).
 It prints, for the run: requests by outcome (errors by type), latency percentiles of the answered ones (whole
 request, and time to first token when streamed), the probes' latency, tokens/s and the server's peak RSS.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import socket
 import subprocess
@@ -34,6 +36,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PROBES = ("/health", "/ready")
 PROMPTS = (
     "Once upon a time",
     "The capital of France is",
@@ -49,7 +52,7 @@ class Tally:
     latency: list[float] = field(default_factory=list)  # answered requests, seconds
     first_token: list[float] = field(default_factory=list)  # streamed requests, seconds
     refused: list[float] = field(default_factory=list)  # 429s: how long the refusal took
-    probes: dict[str, list[float]] = field(default_factory=lambda: {"/health": [], "/ready": []})
+    probes: dict[str, list[float]] = field(default_factory=dict)
     probe_failures: Counter = field(default_factory=Counter)
     tokens: int = 0
 
@@ -115,19 +118,25 @@ async def client_loop(url: str, seed: int, args, tally: Tally, deadline: float) 
                 await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 
-async def probe_loop(url: str, tally: Tally, deadline: float) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=10.0) as client:
+def probe_process(targets: dict[str, str], seconds: float, results) -> None:
+    """GET each target 4 times a second, from a process of its own: the clients' event loop and GIL, busy with
+    200 streams, must not delay the probes' own timing."""
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    failures: Counter = Counter()
+    deadline = time.monotonic() + seconds
+    with httpx.Client(timeout=10.0) as client:
         while time.monotonic() < deadline:
-            for path in ("/health", "/ready"):
+            for name, url in targets.items():
                 started = time.perf_counter()
                 try:
-                    response = await client.get(path)
-                    tally.probes[path].append(time.perf_counter() - started)
+                    response = client.get(url)
+                    latencies[name].append(time.perf_counter() - started)
                     if response.status_code != 200:
-                        tally.probe_failures[f"{path} {response.status_code}"] += 1
+                        failures[f"{name} {response.status_code}"] += 1
                 except httpx.HTTPError as exc:
-                    tally.probe_failures[f"{path} {type(exc).__name__}"] += 1
-            await asyncio.sleep(0.25)
+                    failures[f"{name} {type(exc).__name__}"] += 1
+            time.sleep(0.25)
+    results.put((latencies, dict(failures)))
 
 
 async def rss_loop(pid: int | None, peak: list[int], deadline: float) -> None:
@@ -146,13 +155,22 @@ async def run(url: str, pid: int | None, args) -> tuple[Tally, int, float]:
     tally, peak = Tally(), [0]
     started = time.monotonic()
     deadline = started + args.duration
+    targets = {f"GET {path}": f"{url}{path}" for path in ("/health", "/ready")}
+    if args.probe_port:
+        targets |= {f"GET {path} on the probe port": f"http://127.0.0.1:{args.probe_port}{path}" for path in PROBES}
+    results: multiprocessing.Queue = multiprocessing.Queue()
+    prober = multiprocessing.Process(target=probe_process, args=(targets, args.duration, results), daemon=True)
+    prober.start()
     workers = [asyncio.create_task(client_loop(url, i, args, tally, deadline)) for i in range(args.clients)]
-    side = [asyncio.create_task(probe_loop(url, tally, deadline)), asyncio.create_task(rss_loop(pid, peak, deadline))]
+    rss = asyncio.create_task(rss_loop(pid, peak, deadline))
     done, pending = await asyncio.wait(workers, timeout=args.duration + args.drain)
     for task in pending:
         task.cancel()
     tally.outcomes["cut at the end of the run"] += len(pending)
-    await asyncio.gather(*side, *pending, return_exceptions=True)
+    await asyncio.gather(rss, *pending, return_exceptions=True)
+    tally.probes, failures = await asyncio.to_thread(results.get, True, 60)
+    tally.probe_failures.update(failures)
+    prober.join(10)
     return tally, peak[0], time.monotonic() - started
 
 
@@ -174,8 +192,7 @@ def report(tally: Tally, peak_rss: int, seconds: float, args) -> None:
         ("answered (200), whole request", tally.latency),
         ("streamed, first token", tally.first_token),
         ("refused (429)", tally.refused),
-        ("GET /health", tally.probes["/health"]),
-        ("GET /ready", tally.probes["/ready"]),
+        *tally.probes.items(),
     ]
     for name, values in rows:
         print(f"| {name} | {percentile(values, 0.5)} | {percentile(values, 0.99)} | {percentile(values, 1.0)} |")
@@ -185,11 +202,17 @@ def report(tally: Tally, peak_rss: int, seconds: float, args) -> None:
     print(f"server peak RSS: {peak_rss / 2**20:.0f} MiB" if peak_rss else "server peak RSS: not measured (no --pid)")
 
 
-def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "server", "--port", str(port), "--store", "memory://", *flags]
+        return sock.getsockname()[1]
+
+
+def start_server(flags: list[str], probe_port: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "server", "--port", str(port), "--store", "memory://"]
+    command += ["--probe-port", str(probe_port), *flags]
+    # OMP_NUM_THREADS passes through: on a machine shared with other work, 1 avoids torch's threads spinning
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -208,6 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a server on this machine (default: start one)")
     parser.add_argument("--pid", type=int, help="that server's process id, to measure its RSS")
+    parser.add_argument("--probe-port", type=int, help="that server's probe port, to probe it too")
     parser.add_argument("--server-flag", action="append", default=[], help="a flag for the server this starts")
     parser.add_argument("--clients", type=int, default=200, help="concurrent clients (default: 200)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default: 60)")
@@ -219,7 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     process = None
     if args.url is None:
-        process, url = start_server(args.server_flag)
+        args.probe_port = args.probe_port or free_port()
+        process, url = start_server(args.server_flag, args.probe_port)
         pid = process.pid
     else:
         url, pid = args.url.rstrip("/"), args.pid

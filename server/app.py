@@ -21,7 +21,7 @@ from adapters_store import open_store, redacted
 from server.api import docs, errors, generate, health, metrics, openai, tasks
 from server.api.admission import Admission
 from server.api.auth import KeyRing
-from server.api.health import Startup, StoreProbe
+from server.api.health import ProbeServer, Startup, StoreProbe
 from server.api.limits import BodyLimits
 from server.api.metrics import Metrics, RequestMetrics
 from server.config import Settings
@@ -53,6 +53,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys.log_mode()
         closers: list[Closer] = []
+        if settings.probe_port is not None:
+            probes = ProbeServer(app.state, settings.host, settings.probe_port).start()
+            closers.append(probes.stop)
+            log.info("probes (/health, /ready) also on http://%s:%d", settings.host, probes.port)
         starting = asyncio.create_task(_start(app, settings, backbone, closers, on_failure))
         if backbone is not None:
             await starting

@@ -71,6 +71,9 @@ class Settings(EngineSettings):
     """Address the HTTP server binds."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port the HTTP server binds."""
+    probe_port: int | None = Field(default=None, ge=0, le=65535)
+    """A second port answering only GET /health and GET /ready, from a thread of its own: probes there never wait
+    behind other requests (point Kubernetes' probes at it). Unset: the probes are on the main port only."""
     max_upload_bytes: Size = Field(default="256MiB", ge=1)
     """Largest adapter upload (the files, or the archive); HTTP 413 past it, refused from Content-Length up front."""
     max_request_bytes: Size = Field(default="2MiB", ge=1)

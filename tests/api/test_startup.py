@@ -6,7 +6,9 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from live_server import free_port
@@ -147,3 +149,25 @@ def test_server_help_names_env_variables_defaults_and_units(capsys):
     for shown in ("--max-upload-bytes SIZE", "(default: 256MiB)", "--body-idle-timeout SECONDS", "--api-keys KEYS"):
         assert shown in text, shown
     assert "default factory" not in text and "SecretStr" not in text and "268435456" not in text
+
+
+def test_the_probe_port_answers_while_the_event_loop_is_busy(backbone):
+    port = free_port()
+    app = create_app(Settings(store="memory://", probe_port=port), backbone=backbone)
+
+    @app.get("/busy")
+    async def busy() -> dict:  # holds the event loop, as a backlog of requests would
+        time.sleep(1.5)
+        return {}
+
+    probes = f"http://127.0.0.1:{port}"
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        assert httpx.get(f"{probes}/ready").json() == {"status": "ready", "model": backbone.name}
+        blocked = pool.submit(client.get, "/busy")
+        time.sleep(0.3)
+        started = time.perf_counter()
+        assert httpx.get(f"{probes}/health", timeout=5).json() == {"status": "ok"}
+        assert time.perf_counter() - started < 0.5 and not blocked.done()
+        assert blocked.result().status_code == 200
+        missing = httpx.get(f"{probes}/metrics")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
