@@ -34,8 +34,11 @@ def main() -> None:
 
     app = create_app(settings, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
-    server.run()
-    if app.state.startup.error is not None:
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down gracefully for, as uvicorn.run swallows it
+        pass
+    if not server.started or app.state.startup.error is not None:
         sys.exit(1)
 
 
