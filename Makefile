@@ -11,6 +11,8 @@ install: $(VENV)/.installed
 
 # Re-runs only when the venv is missing or pyproject.toml / constraints.txt / this Makefile changed.
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	@echo "installing taskserve and its pinned dependencies (torch CPU, transformers, peft, ...) into $(VENV):"
+	@echo "about 1-2 minutes and 1 GB the first time, seconds after that"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
@@ -29,9 +31,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	touch $@
+	@echo "installed: .venv/bin/taskserve (the CLI) and .venv/bin/python -m server"
 
+# `make serve ARGS="--port 8001 --store memory://"`: any flag of `python -m server --help`
 serve: install
-	$(PY) -m server
+	$(PY) -m server $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ from adapters_store.base import (
     VersionNotFound,
     Watch,
     open_store,
+    redacted,
     validate_task_id,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "VersionNotFound",
     "Watch",
     "open_store",
+    "redacted",
     "validate_task_id",
 ]

@@ -306,6 +306,12 @@ def check_limit(limit: int) -> int:
     return limit
 
 
+def redacted(url: str) -> str:
+    """A store URL safe to log: a password (`redis://user:PASSWORD@host`, `?password=`) becomes ***."""
+    url = re.sub(r"//[^@/]*@", "//***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
 def open_store(url: str) -> AdapterStore:
     """The backend named by `url`: "file://PATH" (relative or absolute) or "redis://HOST:PORT/DB"."""
     if url.startswith("file://"):

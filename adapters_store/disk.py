@@ -5,7 +5,9 @@ Layout under `root`:
     tasks/<task_id>/v<N>/      the version's files + meta.json; appears complete (renamed in from tmp/)
     tasks/<task_id>/CURRENT    the current version number, replaced atomically
     floors/<task_id>           highest version a deleted task used, so numbers are never reused
-    tmp/                       uploads being written; a leftover is a crashed upload (swept lazily)
+    tmp/                       uploads being written, named after their writer (host, pid, process token): at
+                               start and every minute, a dead writer's leftovers are removed; any other
+                               leftover after an hour
     trash/                     deleted task dirs being removed
     CHANGES                    one JSON line per change (O_APPEND); watchers tail it instead of scanning
 
@@ -18,10 +20,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -57,6 +62,32 @@ CURRENT = "CURRENT"
 CHANGES = "CHANGES"
 STALE_UPLOAD_S = 3600.0  # a tmp/ upload untouched this long belongs to a crashed writer
 SWEEP_EVERY_S = 60.0
+# who writes a staging dir: this host, this process, and this process's incarnation (pids are reused, and a
+# container's server is pid 1 every time)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TOKEN = uuid.uuid4().hex[:8]
+_STAGING = re.compile(r"put-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})-(?P<host>[0-9a-f]{8})-")
+
+
+def _staging_prefix() -> str:
+    return f"put-{os.getpid()}-{_TOKEN}-{_HOST}-"
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether a staging dir's writer, on this host, has certainly exited."""
+    match = _STAGING.match(name)
+    if match is None or match["host"] != _HOST:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return match["token"] != _TOKEN  # a previous incarnation that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _version_of(name: str) -> int | None:
@@ -118,7 +149,7 @@ class DiskStore(AdapterStore):
         with self._os_errors():
             if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
                 self._sweep()
-            staging = Path(tempfile.mkdtemp(prefix="put-", dir=self._tmp))
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=self._tmp))
             try:
                 for name, data in files.items():
                     self._write_file(staging / name, bytes(data))
@@ -312,14 +343,14 @@ class DiskStore(AdapterStore):
         self._watches.clear()
 
     def _sweep(self) -> None:
-        """Remove crashed uploads and half-removed deletes (best effort)."""
+        """Remove crashed uploads (a dead writer's at once, any other after an hour) and half-removed deletes."""
         self._last_sweep = time.monotonic()
         now = time.time()
         with contextlib.suppress(OSError):
             for entry in os.scandir(self._tmp):
                 with contextlib.suppress(OSError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime > STALE_UPLOAD_S:
-                        log.info("removing stale upload %s", entry.path)
+                    if _writer_gone(entry.name) or now - entry.stat(follow_symlinks=False).st_mtime > STALE_UPLOAD_S:
+                        log.info("removing a crashed upload's staging dir %s", entry.path)
                         shutil.rmtree(entry.path, ignore_errors=True)
             for entry in os.scandir(self._trash):
                 shutil.rmtree(entry.path, ignore_errors=True)

@@ -39,6 +39,7 @@ __all__ = [
     "read_upload",
     "inspect_peft",
     "parse_template",
+    "parse_prompt_format",
     "validate_task_id",
 ]
 
@@ -59,7 +60,7 @@ SERVED_PEFT_TYPES = {
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 
 MAX_MEMBERS = 1000  # archive entries; bounds header parsing however small the files are
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 1 << 20  # a LoRA on every linear of a 70B model needs ~200 kB; padding past this is refused
 MAX_EXAMPLES = 64
 MAX_TEMPLATE_BYTES = 64 << 10
 
@@ -81,7 +82,8 @@ class UploadTooLarge(FormatError):
 def read_upload(
     files: Mapping[str, bytes] | None = None, archive: bytes | None = None, *, max_bytes: int
 ) -> dict[str, bytes]:
-    """The task files in an upload: {adapter_config.json, adapter_model.safetensors} or {template.json}.
+    """The task files in an upload: {adapter_config.json, adapter_model.safetensors} (and optionally the adapter's
+    prompt format, template.json), or {template.json} alone (a template task).
 
     `files` are a `save_pretrained` directory's files (names may carry one folder, README.md and the
     like are ignored; a single `.tar.gz`/`.tgz`/`.zip` entry is treated as `archive`); `archive` is
@@ -147,9 +149,7 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
         names = ", ".join(repr(d or ".") for d in sorted(dirs))
         raise FormatError(f"the upload holds more than one candidate directory ({names}); upload one task at a time")
     [found] = dirs.values()
-    if TEMPLATE_FILE in found:
-        if len(found) > 1:
-            raise FormatError(f"the upload holds both {TEMPLATE_FILE} and PEFT files; a task is one or the other")
+    if TEMPLATE_FILE in found and not found.keys() & {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE}:
         return {TEMPLATE_FILE: found[TEMPLATE_FILE]}
     if WEIGHTS_FILE not in found:
         if PICKLE_WEIGHTS_FILE in found:
@@ -157,7 +157,10 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
         raise FormatError(f"the upload lacks {WEIGHTS_FILE} (send the files of a PEFT save_pretrained directory)")
     if CONFIG_FILE not in found:
         raise FormatError(f"the upload lacks {CONFIG_FILE} (send the files of a PEFT save_pretrained directory)")
-    return {CONFIG_FILE: found[CONFIG_FILE], WEIGHTS_FILE: found[WEIGHTS_FILE]}
+    kept = {CONFIG_FILE: found[CONFIG_FILE], WEIGHTS_FILE: found[WEIGHTS_FILE]}
+    if TEMPLATE_FILE in found:  # the adapter's prompt format (see `parse_prompt_format`)
+        kept[TEMPLATE_FILE] = found[TEMPLATE_FILE]
+    return kept
 
 
 def _read_archive(archive: bytes, max_bytes: int) -> dict[str, bytes]:
@@ -278,8 +281,8 @@ def inspect_peft(files: Mapping[str, bytes]) -> PeftSummary:
             raise FormatError(f"the upload lacks {name} (send the files of a PEFT save_pretrained directory)")
     try:
         config = json.loads(files[CONFIG_FILE])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+        raise FormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise FormatError(f"{CONFIG_FILE} must be a JSON object with a string peft_type")
     peft_type = config["peft_type"]
@@ -288,6 +291,8 @@ def inspect_peft(files: Mapping[str, bytes]) -> PeftSummary:
         served = ", ".join(SERVED_PEFT_TYPES)
         raise FormatError(f"peft_type {peft_type!r} is not served; served types: {served}")
     parameters, nbytes = _inspect_safetensors(files[WEIGHTS_FILE])
+    if TEMPLATE_FILE in files:
+        parse_prompt_format(files[TEMPLATE_FILE])
     return PeftSummary(peft_type=peft_type, kind=kind, parameters=parameters, bytes=nbytes, config=config)
 
 
@@ -297,12 +302,14 @@ def _inspect_safetensors(data: bytes) -> tuple[int, int]:
     if len(data) < 8:
         raise FormatError(f"{where} is too short to be a safetensors file")
     header_len = int.from_bytes(data[:8], "little")
-    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+    if header_len > len(data) - 8:
         raise FormatError(f"{where}: the header length {header_len} does not fit the file ({len(data)} bytes)")
+    if header_len > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: the header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where}: the header is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+        raise FormatError(f"{where}: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{where}: the header must be a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -407,3 +414,15 @@ def parse_template(data: bytes) -> Template:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'template'}: {err['msg']}" for err in e.errors())
         raise FormatError(f"{TEMPLATE_FILE} is invalid: {problems}") from None
+
+
+def parse_prompt_format(data: bytes) -> Template:
+    """A template.json beside an adapter: only the text around each input (`input_prefix`, `input_suffix`), as the
+    adapter was trained, e.g. `{"input_suffix": "\\n"}` for a model trained on `input + "\\n" + output`."""
+    template = parse_template(data)
+    if template.chat or template.system or template.instruction or template.examples:
+        raise FormatError(
+            f"{TEMPLATE_FILE} beside an adapter sets only input_prefix and input_suffix (the text around each input, "
+            "as the adapter was trained); an instruction, examples or a chat template make a template task of their own"
+        )
+    return template

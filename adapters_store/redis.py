@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -46,6 +45,7 @@ from adapters_store.base import (
     check_limit,
     check_version,
     content_sha256,
+    redacted,
     validate_task_id,
 )
 
@@ -94,7 +94,7 @@ class RedisStore(AdapterStore):
         by the timeout, and one file of a large adapter is sent as one sendall(). Its connect timeout
         stays short, so a dead Redis still fails fast.
         """
-        self.url = re.sub(r"//[^@/]*@", "//***@", url)  # never log a password
+        self.url = redacted(url)  # never log a password
         self._prefix = prefix
         self._channel = f"{prefix}changes"
         self._staging_ttl_s = staging_ttl_s

@@ -23,7 +23,7 @@ from clients.errors import (
     error_from_response,
     error_from_transport,
 )
-from clients.models import Message, Readiness, StreamEvent
+from clients.models import Message, Readiness, StreamEvent, Version
 from clients.uploads import PreparedUpload, check_task_id
 
 __all__ = ["DEFAULT_URL", "DEFAULT_TIMEOUT", "MessageLike", "Sampling", "Requests", "EventDecoder", "as_messages"]
@@ -162,6 +162,11 @@ class Requests:
             raise ServerError(
                 f"unexpected answer from {response.request.url}: {exc}", status=response.status_code
             ) from None
+
+    def uploaded(self, response: httpx.Response) -> Version:
+        """The version an upload created (201), or the current one it was identical to (200: `unchanged`)."""
+        answer = self.parse(response, Version)
+        return answer.model_copy(update={"unchanged": True}) if response.status_code == 200 else answer
 
     @staticmethod
     def readiness(response: httpx.Response) -> Readiness:

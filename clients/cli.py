@@ -51,20 +51,34 @@ class _Parser(argparse.ArgumentParser):
 def _common() -> argparse.ArgumentParser:
     """Options accepted before or after the command (`taskserve --json tasks` and `taskserve tasks --json`)."""
     common = _Parser(add_help=False)
-    common.add_argument("--url", default=argparse.SUPPRESS, help=f"server URL (env TASKSERVE_URL, {DEFAULT_URL})")
-    common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env TASKSERVE_API_KEY)")
+    common.add_argument(
+        "--url", default=argparse.SUPPRESS, help=f"server URL (env TASKSERVE_URL; default: {DEFAULT_URL})"
+    )
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env TASKSERVE_API_KEY; default: none)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (300)")
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=f"seconds per request (default: {DEFAULT_TIMEOUT:g})",
+    )
     return common
 
 
 def _sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (server default 128)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (the default)")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default: the server's, 128)"
+    )
+    parser.add_argument("--temperature", type=float, help="0 = greedy; higher samples more freely (default: 0)")
+    parser.add_argument(
+        "--top-p", type=float, help="sample only from the most likely tokens whose probabilities sum to P (default: 1)"
+    )
+    parser.add_argument("--top-k", type=int, help="sample only from the K most likely tokens; 0 = all (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, help="the same seed, prompt and task give the same sampled text (default: random)"
+    )
+    parser.add_argument("--stop", action="append", help="stop before this text (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message")
     _sampling(chat)
 
-    rm = command("rm", cmd_rm, "delete a task and all its versions")
+    rm = command("rm", cmd_rm, "delete a task and all its versions (asks first unless --yes)")
     rm.add_argument("task")
+    rm.add_argument("-y", "--yes", action="store_true", help="delete without asking")
 
     rollback = command("rollback", cmd_rollback, "make an earlier version of a task current again")
     rollback.add_argument("task")
@@ -204,6 +219,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
         created = client.upload(args.task, args.path, description=args.description)
     if wants_json(args):
         print_json(created)
+    elif created.unchanged:
+        out.print(f"unchanged: [bold]{escape(created.task_id)}[/] version {created.version} already holds these files")
     else:
         out.print(f"uploaded [bold]{escape(created.task_id)}[/] version {created.version}: {_describe(created)}")
     return 0
@@ -341,12 +358,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with client_for(args) as client:
+        if not args.yes:
+            versions = len(client.task(args.task).versions)  # an unknown task fails here, before any question
+            _confirm(f"delete task {args.task!r} and all its {versions} version(s)? [y/N] ")
         client.delete(args.task)
     if wants_json(args):
         print_json({"task_id": args.task, "deleted": True})
     else:
         out.print(f"deleted [bold]{escape(args.task)}[/]")
     return 0
+
+
+def _confirm(question: str) -> None:
+    """Ask on the terminal; off a terminal nobody can answer, so --yes is required."""
+    if not sys.stdin.isatty():
+        raise UsageError("not deleting without confirmation: pass --yes (stdin is not a terminal to ask on)")
+    err.print(question, end="")
+    try:
+        answer = input()
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CliError("not deleted")
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -28,23 +28,61 @@ METHOD_NAMES = ("prefix", "prompt", "p-tuning", "lora", "ia3")  # the keys of cl
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="what to train")
     parser.add_argument("--data", required=True, type=Path, help='JSONL of {"input","output"} or {"messages"}')
-    parser.add_argument("--eval", type=Path, help="JSONL to report an eval loss on, before and after")
+    parser.add_argument("--eval", type=Path, help="JSONL to report an eval loss on, before and after training")
     parser.add_argument("--task", required=True, help="the task name to upload as")
-    parser.add_argument("--upload", metavar="URL", help="upload to this server (default: --url, if it answers)")
+    parser.add_argument(
+        "--upload", metavar="URL", help="upload to this server (default: --url / TASKSERVE_URL, if it answers)"
+    )
     parser.add_argument("--no-upload", action="store_true", help="only save the adapter")
-    parser.add_argument("--out", type=Path, help="where to save the adapter (out/TASK)")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over the data (1)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--lr", type=float, help="learning rate (per-method default)")
-    parser.add_argument("--virtual-tokens", type=int, help="prefix/prompt/p-tuning length (10/20/20)")
-    parser.add_argument("--model", type=Path, help="a local HF model directory (default: the server's default)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per example at most (512)")
-    parser.add_argument("--init-text", help="prompt tuning's initial text (default: frequent output words)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_argument("--samples", type=int, default=3, help="eval records to show outputs for after training")
+    parser.add_argument("--out", type=Path, help="directory to save the adapter in (default: out/TASK)")
+    parser.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default: 1)")
+    parser.add_argument(
+        "--steps", type=int, metavar="N", help="optimizer steps, overriding --epochs (one step = one batch)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default: prefix 3e-3, prompt 3e-2, p-tuning 3e-3, lora 1e-3, ia3 3e-3)",
+    )
+    parser.add_argument(
+        "--virtual-tokens",
+        type=int,
+        metavar="N",
+        help="prefix/prompt/p-tuning length in tokens (default: 10 / 20 / 20)",
+    )
+    parser.add_argument("--model", type=Path, help="a local HF model directory (default: the server's default model)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="examples per optimizer step (default: 8)"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=512, metavar="TOKENS", help="tokens per example at most (default: 512)"
+    )
+    parser.add_argument("--init-text", help="prompt tuning's initial text (default: the outputs' most frequent words)")
+    parser.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank r (default: 8)")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / r (default: 2r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout probability (default: 0.05)")
+    parser.add_argument(
+        "--lora-targets",
+        default="q_proj,v_proj",
+        help="comma-separated module names LoRA adapts (default: q_proj,v_proj)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds initialisation, shuffling and dropout: the same seed on the same machine gives the same adapter "
+        "(default: 0)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, ... (default: auto)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="eval records to show outputs for after training (default: 3)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -118,6 +156,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr is not None and not args.lr > 0:
         raise UsageError("--lr must be positive")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UsageError("--lora-alpha must be positive")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError("--lora-dropout must be in [0, 1)")
+    if not any(t.strip() for t in args.lora_targets.split(",")):
+        raise UsageError("--lora-targets names no module")
     if args.upload and args.no_upload:
         raise UsageError("--upload and --no-upload contradict each other")
 
@@ -148,6 +192,9 @@ def _run(args: argparse.Namespace, trainer):
         max_length=args.max_length,
         init_text=args.init_text,
         lora_rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         seed=args.seed,
         device=args.device,
     )

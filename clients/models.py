@@ -61,6 +61,7 @@ class Version(_Answer):
     sha256: str
     created_at: float = Field(description="seconds since the epoch")
     description: str | None = None
+    unchanged: bool = Field(default=False, description="an upload identical to the current version: nothing stored")
 
 
 class Task(_Answer):

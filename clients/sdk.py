@@ -109,13 +109,13 @@ class Client:
         `PeftModel`, or a template .json. It is checked locally first: a bad adapter raises and nothing is sent."""
         check_task_id(task)
         upload = prepare_upload(source, max_bytes=self._max_upload_bytes)
-        return self._requests.parse(self._send(self._requests.upload(task, upload, description)), Version)
+        return self._requests.uploaded(self._send(self._requests.upload(task, upload, description)))
 
     def upload_template(self, task: str, template: Mapping[str, Any], *, description: str | None = None) -> Version:
         """Upload a template task (system, instruction, few-shot examples, input prefix/suffix, chat)."""
         check_task_id(task)
         upload = prepare_template(template, description)
-        return self._requests.parse(self._send(self._requests.upload(task, upload, description)), Version)
+        return self._requests.uploaded(self._send(self._requests.upload(task, upload, description)))
 
     def tasks(self, *, page_size: int = 100) -> Iterator[Version]:
         """Every task's current version, in id order, fetching pages as it goes."""
@@ -230,14 +230,14 @@ class AsyncClient:
         check_task_id(task)
         # reading files (or saving a PeftModel) blocks: keep it off the event loop
         upload = await asyncio.to_thread(prepare_upload, source, max_bytes=self._max_upload_bytes)
-        return self._requests.parse(await self._send(self._requests.upload(task, upload, description)), Version)
+        return self._requests.uploaded(await self._send(self._requests.upload(task, upload, description)))
 
     async def upload_template(
         self, task: str, template: Mapping[str, Any], *, description: str | None = None
     ) -> Version:
         check_task_id(task)
         upload = prepare_template(template, description)
-        return self._requests.parse(await self._send(self._requests.upload(task, upload, description)), Version)
+        return self._requests.uploaded(await self._send(self._requests.upload(task, upload, description)))
 
     async def tasks(self, *, page_size: int = 100) -> AsyncIterator[Version]:
         after: str | None = None

@@ -24,6 +24,7 @@ the K/V or embeddings they produce), which is what the server serves.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -39,7 +40,19 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clients.train_data import IGNORE, DataError, Example, Record, batches, encode, init_words, read_records
+from adapters_store.format import TEMPLATE_FILE
+from clients.train_data import (
+    IGNORE,
+    PROMPT_FORMAT,
+    SEPARATOR,
+    DataError,
+    Example,
+    Record,
+    batches,
+    encode,
+    init_words,
+    read_records,
+)
 from clients.uploads import PreparedUpload, prepare_upload
 
 __all__ = [
@@ -75,6 +88,9 @@ class TrainOptions:
     max_length: int = 512  # tokens per example; longer ones are cut (their tail)
     init_text: str | None = None  # prompt tuning's initial text; None: the training outputs' most frequent words
     lora_rank: int = 8
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
     device: str = "auto"
 
@@ -131,7 +147,11 @@ def _p_tuning(options: TrainOptions, model_dir: Path, records: Sequence[Record],
 def _lora(options: TrainOptions, model_dir: Path, records: Sequence[Record], tokens: int | None):
     rank = options.lora_rank
     return LoraConfig(
-        task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=options.lora_alpha if options.lora_alpha is not None else 2 * rank,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.lora_targets),
     )
 
 
@@ -232,6 +252,7 @@ def train(
     phase(f"saving to {options.out}")
     options.out.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(options.out, safe_serialization=True)
+    _save_prompt_format(options.out, plain=records[0].messages is None)
     checked = prepare_upload(options.out)  # the server's own file checks: raises if we wrote something unservable
     return Trained(
         out=options.out,
@@ -247,6 +268,16 @@ def train(
         model=run.model,
         tokenizer=run.tokenizer,
     )
+
+
+def _save_prompt_format(out: Path, *, plain: bool) -> None:
+    """Plain records were trained as `input + SEPARATOR`: the adapter's template.json tells the server to wrap every
+    prompt the same way. Chat records are rendered by the chat template, as the server renders `messages`."""
+    target = out / TEMPLATE_FILE
+    if plain:
+        target.write_text(json.dumps(PROMPT_FORMAT) + "\n")
+    else:
+        target.unlink(missing_ok=True)  # a plain run's format left in the same directory
 
 
 @dataclass
@@ -359,7 +390,7 @@ def greedy_continuation(model, tokenizer, record: Record, *, max_new_tokens: int
         ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     else:
-        ids = tokenizer.encode(prompt["prompt"])
+        ids = tokenizer.encode(prompt["prompt"] + SEPARATOR)  # the prompt format the server applies
     eos = eos_id if eos_id is not None else _eos_id(model.config, tokenizer)
     device = next(model.parameters()).device
     out: list[int] = []

@@ -2,9 +2,10 @@
 
 Two record shapes:
 
-* `{"input": ..., "output": ...}`: the model sees `input`, then learns `"\\n" + output + EOS`. At inference send the
-  input alone as the prompt (`taskserve generate TASK "<input>"`), just as the server tokenises it: the loss covers
-  every token the model must produce after the input (the newline, the output and EOS), never the input.
+* `{"input": ..., "output": ...}`: the model sees `input + "\\n"` (`SEPARATOR`), then learns `output + EOS`; the loss
+  covers the output and EOS, never the input. The trainer saves that prompt format with the adapter (`template.json`,
+  `{"input_suffix": "\\n"}`), so the server wraps each prompt the same way: send the input alone
+  (`taskserve generate TASK "<input>"`) and the answer starts with the output itself, on every route.
 * `{"messages": [{"role", "content"}, ...]}`: rendered with the backbone's chat template, as the server renders
   `messages`; the loss covers each assistant turn's content and its end-of-turn token.
 """
@@ -23,9 +24,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE", "DataError", "Record", "Example", "read_records", "encode", "batches", "collate", "init_words"]
+__all__ = [
+    "IGNORE",
+    "SEPARATOR",
+    "PROMPT_FORMAT",
+    "DataError",
+    "Record",
+    "Example",
+    "read_records",
+    "encode",
+    "batches",
+    "collate",
+    "init_words",
+]
 
 IGNORE = -100  # label of a token that carries no loss (PyTorch's cross-entropy ignore_index, PEFT's padding label)
+SEPARATOR = "\n"  # between a plain record's input and its output
+PROMPT_FORMAT = {"input_suffix": SEPARATOR}  # saved as the adapter's template.json: the server appends it too
 
 
 class DataError(ValueError):
@@ -75,6 +90,8 @@ def read_records(path: str | Path) -> list[Record]:
     records = [_record(line, f"{path}:{number}") for number, line in enumerate(lines, start=1) if line.strip()]
     if not records:
         raise DataError(f"{path} holds no records")
+    if len({r.messages is None for r in records}) > 1:
+        raise DataError(f"{path} mixes input/output records and chat records; a task is served one way: use one shape")
     return records
 
 
@@ -120,14 +137,14 @@ def encode(record: Record, tokenizer, *, eos_id: int, max_length: int) -> Exampl
 
 def _encode_plain(record: Record, tokenizer, eos_id: int) -> Example:
     assert record.input is not None and record.output is not None
-    # The server encodes a prompt with `tokenizer.encode(prompt)`; cut the full text's ids at exactly those ids,
-    # so what the model learns to continue is what it will be given.
-    prompt_ids = tokenizer.encode(record.input)
-    full_ids = tokenizer.encode(record.input + "\n" + record.output)
+    # The server wraps a prompt in the saved format and encodes it with `tokenizer.encode(input + SEPARATOR)`; cut the
+    # full text's ids at exactly those ids, so what the model learns to continue is what it will be given.
+    prompt_ids = tokenizer.encode(record.input + SEPARATOR)
+    full_ids = tokenizer.encode(record.input + SEPARATOR + record.output)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         answer_ids = full_ids[len(prompt_ids) :]
-    else:  # the input's last token merged with the newline: tokenise the answer on its own
-        answer_ids = tokenizer.encode("\n" + record.output)
+    else:  # the separator merged with the output's first token: tokenise the answer on its own
+        answer_ids = tokenizer.encode(record.output)
     answer_ids = [*answer_ids, eos_id]
     return Example(input_ids=prompt_ids + answer_ids, labels=[IGNORE] * len(prompt_ids) + answer_ids)
 

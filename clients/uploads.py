@@ -124,7 +124,7 @@ def _checked(build, where: str | None = None):
 
 def _from_files(files: dict[str, bytes], max_bytes: int) -> PreparedUpload:
     contents = read_upload(files, max_bytes=max_bytes)
-    if TEMPLATE_FILE in contents:
+    if CONFIG_FILE not in contents:
         return _from_template_file(contents[TEMPLATE_FILE])
     summary = inspect_peft(contents)
     return PreparedUpload(kind=summary.kind, parameters=summary.parameters, bytes=summary.bytes, files=contents)
@@ -132,7 +132,7 @@ def _from_files(files: dict[str, bytes], max_bytes: int) -> PreparedUpload:
 
 def _from_archive(name: str, data: bytes, max_bytes: int) -> PreparedUpload:
     contents = read_upload(archive=data, max_bytes=max_bytes)
-    if TEMPLATE_FILE in contents:
+    if CONFIG_FILE not in contents:
         summary = _from_template_file(contents[TEMPLATE_FILE])
         return PreparedUpload(kind=summary.kind, parameters=0, bytes=0, archive=(name, data))
     summary = inspect_peft(contents)

@@ -1,18 +1,28 @@
-"""create_app(settings): wires the backbone, the engine, the routes, auth, metrics and the offline docs."""
+"""create_app(settings): wires the backbone, the engine, the routes, auth, limits, metrics and the offline docs.
+
+The app answers at once: the backbone loads in the background while `/health` says 200 and `/ready` says 503 with
+what start-up is doing, so probes and users get an answer instead of a refused connection.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
-from adapters_store import open_store
+from adapters_store import open_store, redacted
 from server.api import console, docs, errors, generate, health, metrics, openai, stats, tasks
+from server.api.admission import Admission
 from server.api.auth import KeyRing
+from server.api.health import ProbeServer, Startup, StoreProbe
+from server.api.limits import BodyLimits
 from server.api.metrics import Metrics, RequestMetrics
 from server.config import Settings
 from server.engine.backbone import Backbone
@@ -21,9 +31,20 @@ from server.engine.residency import Residency
 
 log = logging.getLogger("taskserve")
 
+T = TypeVar("T")
+Closer = Callable[[], Awaitable[None] | None]
 
-def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
-    """The service; pass a `backbone` to skip loading one (tests)."""
+
+def create_app(
+    settings: Settings | None = None,
+    backbone: Backbone | None = None,
+    *,
+    on_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The service; pass a `backbone` to skip loading one (tests: the app is then ready when its lifespan starts).
+
+    `on_failure` is called if start-up fails for good (`python -m server` then stops with exit status 1).
+    """
     settings = settings or Settings()
     keys = KeyRing.from_settings(settings)
     recorder = Metrics()
@@ -31,33 +52,42 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys.log_mode()
-        loaded = backbone or await run_in_threadpool(
-            Backbone.load, settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.model_cache
-        )
-        store = open_store(settings.store)
-        residency = Residency(
-            loaded, store, device_bytes=settings.device_adapter_bytes, host_bytes=settings.host_adapter_bytes
-        )
-        engine = Engine(loaded, settings, residency).start()
-        app.state.engine = engine
-        app.state.started_at = int(time.time())
-        log.info("serving %s on %s (%s), tasks in %s", loaded.name, loaded.device, loaded.dtype, settings.store)
+        closers: list[Closer] = []
+        if settings.probe_port is not None:
+            probes = ProbeServer(app.state, settings.host, settings.probe_port).start()
+            closers.append(probes.stop)
+            log.info("probes (/health, /ready) also on http://%s:%d", settings.host, probes.port)
+        starting = asyncio.create_task(_start(app, settings, backbone, closers, on_failure))
+        if backbone is not None:
+            await starting
         try:
             yield
         finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
             app.state.engine = None
-            engine.stop()
-            residency.close()
-            store.close()
+            for close in reversed(closers):
+                if (pending := close()) is not None:
+                    await pending
 
     # docs_url/redoc_url off: FastAPI's pages load their scripts from a CDN; docs.install serves them locally
     app = FastAPI(title="taskserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.engine = None
+    app.state.startup = Startup()
     app.state.keys = keys
     app.state.metrics = recorder
+    app.state.admission = Admission(settings.max_queue_wait)
     app.state.started_at = int(time.time())
     recorder.watch(app)
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        idle_timeout=settings.body_idle_timeout,
+        total_timeout=settings.body_timeout,
+    )
     app.add_middleware(RequestMetrics, metrics=recorder)
     errors.install(app, on_error=recorder.count_error)
     docs.install(app)
@@ -67,3 +97,75 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     if settings.console:
         console.install(app)
     return app
+
+
+async def _start(
+    app: FastAPI,
+    settings: Settings,
+    backbone: Backbone | None,
+    closers: list[Closer],
+    on_failure: Callable[[], None] | None,
+) -> None:
+    """Load, open and start everything the routes need; `app.state.engine` is set last, when all is ready."""
+    startup: Startup = app.state.startup
+    try:
+        if backbone is None:
+            startup.enter(f"loading the model {settings.model}")
+            backbone = await _in_daemon_thread(
+                Backbone.load,
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                cache_dir=settings.model_cache,
+            )
+        startup.enter("opening the task store")
+        store = await asyncio.to_thread(open_store, settings.store)
+        closers.append(store.close)
+        residency = Residency(
+            backbone, store, device_bytes=settings.device_adapter_bytes, host_bytes=settings.host_adapter_bytes
+        )
+        closers.append(residency.close)
+        engine = Engine(backbone, settings, residency).start()
+        closers.append(engine.stop)
+        app.state.store_probe = probe = await StoreProbe(store).start()
+        closers.append(probe.stop)
+    except Exception as exc:
+        startup.fail(exc)
+        log.exception("start-up failed: %s", startup.error)
+        if on_failure is not None:
+            on_failure()
+        return
+    app.state.engine = engine
+    startup.enter("ready")
+    log.info(
+        "ready: serving %s on %s (%s), tasks in %s",
+        backbone.name,
+        backbone.device,
+        backbone.dtype,
+        redacted(settings.store),
+    )
+
+
+async def _in_daemon_thread(func: Callable[..., T], *args, **kwargs) -> T:
+    """`func(*args, **kwargs)` on a daemon thread: a server stopped during a long load exits without waiting for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = func(*args, **kwargs), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="taskserve-load-model", daemon=True).start()
+    return await done

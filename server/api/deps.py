@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.admission import Admission
 from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine.engine import Engine
@@ -27,6 +28,11 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]

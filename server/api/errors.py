@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters_store import InvalidTaskId, StoreUnavailable, TaskNotFound, VersionNotFound
@@ -65,14 +66,34 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     StoreUnavailable: (503, "store_unavailable"),
 }
 
+# the framework's own errors (routing, body parsing, body limits): HTTP status -> error type
+HTTP_KINDS = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
 # native error type -> OpenAI `code` where OpenAI has its own name for it
 OPENAI_CODES = {"unknown_task": "model_not_found", "unauthorized": "invalid_api_key"}
 
 
-def error_response(request: Request, status: int, kind: str, message: str, *, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+def error_response(
+    request: Request,
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    param: str | None = None,
+    retry_after: int = 1,
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
+    # a message may quote user input (an archive member's name, ...): never let it make the error unsendable
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if getattr(request.scope.get("route"), "openai_errors", False):
         if kind == "unknown_task":
             param = "model"
@@ -90,17 +111,31 @@ def error_response(request: Request, status: int, kind: str, message: str, *, pa
 def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
     """Map every domain error; `on_error(type)` sees each one (metrics)."""
 
-    def answer(request: Request, status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    def answer(request: Request, status: int, kind: str, message: str, param: str | None = None, **kw) -> JSONResponse:
         if on_error is not None:
             on_error(kind)
-        return error_response(request, status, kind, message, param=param)
+        return error_response(request, status, kind, message, param=param, **kw)
 
     for exc_type, (status, kind) in STATUS.items():
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
-            return answer(request, status, kind, str(exc))
+            return answer(request, status, kind, str(exc), retry_after=getattr(exc, "retry_after", 1))
 
         app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(HTTPException)
+    async def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Routing (404, 405), body parsing and body limits: the same shape as every other error."""
+        status = exc.status_code
+        kind = HTTP_KINDS.get(status, "invalid_request" if status < 500 else "internal")
+        response = answer(request, status, kind, _framework_message(request, exc))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: the documented 500 (Starlette logs the traceback after this answer)."""
+        return answer(request, 500, "internal", "internal error; the server log has the details")
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,16 +145,57 @@ def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None
     async def body_validation(request: Request, exc: ValidationError) -> JSONResponse:
         return answer(request, 400, "invalid_request", *_describe(exc.errors()))
 
+    _document_400_not_422(app)
+
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, exc: ClientDisconnect) -> Response:
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the status reaches the request metrics
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents a `422 HTTPValidationError` on every route with parameters; here a request that fails
+    validation gets a 400 in the documented shape, which each route declares, so the spec says only that."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        for operation in (op for path in spec.get("paths", {}).values() for op in path.values()):
+            schema = operation.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+            if schema.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(name, None)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _framework_message(request: Request, exc: HTTPException) -> str:
+    method, path = request.method, request.url.path
+    if exc.status_code == 404 and request.scope.get("route") is None:
+        return f"no route {method} {path}; the routes are listed at /docs"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return f"{method} is not allowed on {path}" + (f"; allowed: {allowed}" if allowed else "")
+    cause = exc.__cause__
+    if exc.status_code == 400 and cause is not None:  # FastAPI: "There was an error parsing the body"
+        return f"the body cannot be parsed: {type(cause).__name__}: {cause}"
+    return str(exc.detail)
 
 
 def _describe(errors) -> tuple[str, str | None]:
     """(one message for every error, the first error's field: OpenAI's `param`)."""
     parts, params = [], []
     for err in errors:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if err.get("type") == "json_invalid":  # FastAPI puts the character offset where a field name goes
+            offset = err.get("loc", (None, "?"))[-1]
+            parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at character {offset}")
+            params.append(None)
+            continue
+        # pydantic names the member of a union it tried (`function-after[...]`, `list[str]`): not a field
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
         message = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         parts.append(f"{where}: {message}" if where else message)
         params.append(where or None)

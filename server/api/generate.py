@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from server.api.auth import AuthorizedRoute, InferenceAccess
-from server.api.deps import EngineDep, MetricsDep
+from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
+    SSE_EVENT,
     EventStream,
     collect,
     sampling_params,
@@ -21,11 +23,19 @@ from server.engine.request import TokenDelta
 
 router = APIRouter(prefix="/v1/tasks", tags=["generate"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 429, 500, 503)}
+STREAMED = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or events with `stream`"}
 
 
-@router.post("/{task_id}/generate", response_model=GenerateResponse, responses=ERRORS)
-async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep):
+@router.post("/{task_id}/generate", response_model=GenerateResponse, responses={200: STREAMED, **ERRORS})
+async def generate(
+    task_id: Annotated[str, Path(examples=["base"], description="a task id; `base` is the backbone alone")],
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    metrics: MetricsDep,
+    admission: AdmissionDep,
+):
     """Generate with one task; `base` is the frozen backbone alone. With `stream`, server-sent events."""
     sampling = sampling_params(
         max_new_tokens=body.max_new_tokens,
@@ -37,7 +47,9 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, engine
         ignore_eos=body.ignore_eos,
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
-    deltas = await start_generation(engine, task_id, sampling, prompt=body.prompt, messages=messages, metrics=metrics)
+    deltas = await start_generation(
+        engine, task_id, sampling, prompt=body.prompt, messages=messages, metrics=metrics, admission=admission
+    )
     if body.stream:
         return EventStream(_events(task_id, deltas), source=deltas)
     done = await unless_disconnected(request, collect(deltas))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -10,10 +11,12 @@ from typing import TypeVar
 
 import anyio
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.api.admission import Admission, Ticket
 from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
 from server.engine.adapters import LoadedAdapter
@@ -42,26 +45,39 @@ async def start_generation(
     messages: Sequence[Mapping[str, str]] | None = None,
     fill_context: bool = False,
     metrics: Metrics | None = None,
+    admission: Admission | None = None,
 ) -> AsyncIterator[TokenDelta]:
-    """Lease the task, tokenise, submit; bad input and a full queue raise here, before any byte is sent.
+    """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
+    is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop.
 
     `fill_context`: generate up to what the context and the server's limits leave (`sampling.max_new_tokens`
     is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
-    lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
-    if metrics is not None and lease.adapter is not None:
-        metrics.last_use.touch(task_id)
+    ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
     try:
-        prompt_ids = encode(engine, lease.adapter, prompt=prompt, messages=messages)
-        if fill_context:
-            room = room_for(engine, lease.adapter, prompt_ids)
-            sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
-        deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+        lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+        if metrics is not None and lease.adapter is not None:
+            metrics.last_use.touch(task_id)
+        try:
+            prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
+            if fill_context:
+                room = room_for(engine, lease.adapter, prompt_ids)
+                sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
+            deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+        except BaseException:
+            lease.release()
+            raise
     except BaseException:
-        lease.release()
+        if ticket is not None:
+            ticket.release()
         raise
-    return _observed(deltas, metrics, started) if metrics is not None else deltas
+    if metrics is None and ticket is None:
+        return deltas
+    observed = _observed(deltas, started, metrics, admission, ticket)
+    if ticket is not None:  # a stream dropped before its first read never runs its finally
+        weakref.finalize(observed, ticket.release)
+    return observed
 
 
 def encode(
@@ -88,13 +104,18 @@ def encode(
         ids = tokenizer.encode(prompt or "")
     if not ids:
         raise InvalidRequest("the prompt is empty")
+    limit = engine.backbone.geometry.context_length
+    if len(ids) >= limit:  # refused here, on this thread, rather than checked token by token on the event loop
+        raise InvalidRequest(f"the prompt is {len(ids)} tokens; the context length is {limit}")
     return tuple(ids)
 
 
 def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
     if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
-    raise InvalidRequest("template tasks take one input: 'prompt', or a single user message, which the template wraps")
+    raise InvalidRequest(
+        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation"
+    )
 
 
 def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[int, ...]) -> int:
@@ -104,8 +125,15 @@ def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[in
     return min(engine.settings.max_new_tokens, limit - virtual - len(prompt_ids))
 
 
-async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started: float) -> AsyncIterator[TokenDelta]:
-    """Pass the deltas through, timing them; closing this closes the engine's stream (which cancels the row)."""
+async def _observed(
+    deltas: AsyncIterator[TokenDelta],
+    started: float,
+    metrics: Metrics | None,
+    admission: Admission | None,
+    ticket: Ticket | None,
+) -> AsyncIterator[TokenDelta]:
+    """Pass the deltas through, timing them for the metrics and the admission's estimate; closing this closes the
+    engine's stream (which cancels the row) and gives the request's place back."""
     last: float | None = None
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
     try:
@@ -113,18 +141,29 @@ async def _observed(deltas: AsyncIterator[TokenDelta], metrics: Metrics, started
             if delta.token_ids:
                 now = time.perf_counter()
                 if last is None:
-                    metrics.time_to_first_token.observe(now - started)
-                    metrics.prompt_tokens.inc(delta.prompt_tokens)
+                    if metrics is not None:
+                        metrics.time_to_first_token.observe(now - started)
+                        metrics.prompt_tokens.inc(delta.prompt_tokens)
                 else:
-                    for _ in delta.token_ids:
-                        metrics.inter_token_latency.observe((now - last) / len(delta.token_ids))
+                    gap = (now - last) / len(delta.token_ids)
+                    if metrics is not None:
+                        for _ in delta.token_ids:
+                            metrics.inter_token_latency.observe(gap)
+                    if admission is not None:
+                        admission.step(gap)
                 last = now
-                metrics.completion_tokens.inc(len(delta.token_ids))
+                if metrics is not None:
+                    metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
+                if admission is not None and finish in ("stop", "length"):
+                    admission.finished(delta.completion_tokens)
             yield delta
     finally:
-        metrics.generations.labels(finish_reason=finish).inc()
+        if ticket is not None:
+            ticket.release()
+        if metrics is not None:
+            metrics.generations.labels(finish_reason=finish).inc()
         await deltas.aclose()
 
 
@@ -184,6 +223,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not done:
         raise ClientDisconnect()
     return done[0]
+
+
+# one server-sent event, as OpenAPI documents a `text/event-stream` response (for Swagger UI and Schemathesis)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["message", "error"], "description": "error: the generation failed"},
+        "data": {"type": "string", "description": "one JSON object (OpenAI routes end with `[DONE]`)"},
+    },
+}
 
 
 class EventStream(StreamingResponse):

@@ -18,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store import TASK_ID
 from server.api.auth import AuthorizedRoute, InferenceAccess
-from server.api.deps import EngineDep, MetricsDep
+from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
+    SSE_EVENT,
     EventStream,
     collect,
     sampling_params,
@@ -57,7 +58,8 @@ class OpenAIRoute(AuthorizedRoute):
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAccess])
 
-ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 404, 429, 500, 503)}
+ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 404, 408, 413, 429, 500, 503)}
+STREAMED = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or events with `stream`"}
 SEED_SPACE = 2**64  # OpenAI seeds are signed 64-bit; ours are unsigned: negatives wrap
 
 
@@ -88,9 +90,10 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int) -> Sampl
     )
 
 
-async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, **inputs):
+async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, admission, **inputs):
     try:
-        return await start_generation(engine, task_for(engine, body.model), sampling, metrics=metrics, **inputs)
+        task_id = task_for(engine, body.model)
+        return await start_generation(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
     except UnknownTask:
         raise _no_such_model(engine, body.model) from None
 
@@ -116,12 +119,14 @@ def _usage(delta: TokenDelta) -> CompletionUsage:
     )
 
 
-@router.post("/completions", response_model=Completion, responses=ERRORS)
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep):
+@router.post("/completions", response_model=Completion, responses={200: STREAMED, **ERRORS})
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep, admission: AdmissionDep
+):
     """OpenAI text completion: `prompt` continued by the task `model`. With `stream`, server-sent events."""
     limit = engine.settings.max_new_tokens
     sampling = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, limit)
-    deltas = await _start(engine, body, sampling, metrics, prompt=body.prompt_text)
+    deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text)
     reply = _Reply.new("cmpl", body.model)
     if body.stream:
         return EventStream(_completion_events(reply, deltas, body.include_usage), source=deltas)
@@ -136,13 +141,17 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep):
+@router.post("/chat/completions", response_model=ChatCompletion, responses={200: STREAMED, **ERRORS})
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep, admission: AdmissionDep
+):
     """OpenAI chat completion: `messages` through the backbone's chat template, answered by the task `model`."""
     limit = engine.settings.max_new_tokens
     sampling = _sampling(body, limit if body.limit is None else body.limit, limit)
     messages = [m.native() for m in body.messages]
-    deltas = await _start(engine, body, sampling, metrics, messages=messages, fill_context=body.limit is None)
+    deltas = await _start(
+        engine, body, sampling, metrics, admission, messages=messages, fill_context=body.limit is None
+    )
     reply = _Reply.new("chatcmpl", body.model)
     if body.stream:
         return EventStream(_chat_events(reply, deltas, body.include_usage), source=deltas)

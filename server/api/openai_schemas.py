@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
+from server.api.fields import Temperature, Text, TopK, TopP
+
 FinishReason = Literal["stop", "length"]
 
 # parameter -> the values that mean "off"; any other value is refused with a 400
@@ -39,12 +41,14 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="a task id; 'base' or the backbone's name for the backbone alone")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="default 1")
-    top_k: int = Field(default=0, ge=0, description="extension: 0 = off")
-    seed: int | None = Field(default=None, description="same seed, prompt and task: same tokens")
-    stop: str | list[str] | None = Field(default=None, description="up to 16 stop strings")
+    model: Text = Field(description="a task id; 'base' or the backbone's name for the backbone alone")
+    temperature: Temperature | None = Field(default=None, le=2.0, description="default 1; 0 = greedy")
+    top_p: TopP | None = Field(default=None, description="default 1")
+    top_k: TopK = Field(default=0, description="extension: 0 = off")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), lt=2**63, description="a signed 64-bit int: same seed, prompt and task, same tokens"
+    )
+    stop: Text | list[Text] | None = Field(default=None, description="up to 16 stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, description="only 1")
@@ -80,7 +84,12 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="a string, or a list of exactly one string")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "base", "prompt": "Once upon a time", "max_tokens": 8}]},
+    )
+
+    prompt: Text | list[Text] = Field(description="a string, or a list of exactly one string")
     max_tokens: int | None = Field(default=16, ge=1, description="default 16")
     echo: Any = NOT_SUPPORTED
     best_of: Any = NOT_SUPPORTED
@@ -101,14 +110,14 @@ class CompletionRequest(SamplingFields):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
     name: str | None = Field(default=None, description="accepted and ignored")
 
     def native(self) -> dict[str, str]:
@@ -118,6 +127,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}]
+        },
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="default: what the context leaves")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="wins over max_tokens")

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from server.api.fields import Seed, Temperature, Text, TopK, TopP, valid_unicode_tree
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerateRequest(BaseModel):
     """Either `prompt` or `messages` (the backbone's chat template is applied, generation prompt added)."""
 
-    prompt: str | None = None
-    messages: list[Message] | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "Once upon a time", "max_new_tokens": 8},
+                {"messages": [{"role": "user", "content": "Name a colour."}], "max_new_tokens": 8, "stream": True},
+            ]
+        }
+    )
+
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 = off")
-    seed: int | None = Field(default=None, ge=0, lt=2**64)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    temperature: Temperature = Field(default=0.0, description="0 = greedy; at most 100; (0, 0.01) counts as 0.01")
+    top_p: TopP = Field(default=1.0, description="in (0, 1]; 1 = off")
+    top_k: TopK = Field(default=0, description="0 = off")
+    seed: Seed | None = Field(default=None, description="in [0, 2**64): same seed, prompt and task, same tokens")
+    stop: list[Annotated[Text, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
     stream: bool = False
 
@@ -30,10 +41,6 @@ class GenerateRequest(BaseModel):
     def one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
         return self
 
 
@@ -92,10 +99,10 @@ class TaskList(BaseModel):
 class TemplateUpload(BaseModel):
     """A template task: an instruction and few-shot examples around the user's input."""
 
-    template: dict = Field(
+    template: Annotated[dict, AfterValidator(valid_unicode_tree)] = Field(
         description="system, instruction, examples [{input, output}], input_prefix, input_suffix, chat"
     )
-    description: str | None = None
+    description: Text | None = None
 
 
 class Rollback(BaseModel):

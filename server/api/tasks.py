@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import VersionInfo
+from adapters_store import TaskNotFound, VersionInfo
+from adapters_store.base import content_sha256
 from adapters_store.format import TEMPLATE_FILE, read_upload
 from server.api.auth import AdminAccess, AuthorizedRoute, InferenceAccess
 from server.api.deps import EngineDep, SettingsDep
 from server.api.errors import PayloadTooLarge
+from server.api.fields import Text
+from server.api.limits import uploads
 from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
 from server.engine.engine import Engine
+from server.engine.request import InvalidRequest
 
 # reading needs any key; upload, rollback and delete add AdminAccess
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 422, 503)}
 ADMIN_ERRORS = {**ERRORS, 403: {"model": ErrorBody}}
+UNCHANGED = {"model": VersionPublic, "description": "the upload is identical to the current version: nothing stored"}
 
 
 def _version(info: VersionInfo) -> VersionPublic:
@@ -40,29 +46,50 @@ def _version(info: VersionInfo) -> VersionPublic:
     "/{task_id}/versions",
     status_code=201,
     response_model=VersionPublic,
-    responses=ADMIN_ERRORS,
+    responses={200: UNCHANGED, **ADMIN_ERRORS},
     dependencies=[AdminAccess],
 )
+@uploads
 async def upload(
     task_id: str,
     request: Request,
+    response: Response,
     engine: EngineDep,
     settings: SettingsDep,
     files: Annotated[list[UploadFile] | None, File(description="the files of a PEFT save_pretrained directory")] = None,
     archive: Annotated[UploadFile | None, File(description="one .tar.gz or .zip of such a directory")] = None,
-    description: Annotated[str | None, Form()] = None,
+    description: Annotated[Text | None, Form()] = None,
 ):
-    """Upload a new version (multipart `files` or `archive`, or a JSON template); it becomes current."""
+    """Upload a new version (multipart `files` or `archive`, or a JSON template); it becomes current.
+
+    An upload identical to the current version (same files, no other description) stores nothing: 200 with it.
+    """
     if request.headers.get("content-type", "").startswith("application/json"):
-        body = TemplateUpload.model_validate(await _json(request, settings.max_upload_bytes))
+        body = TemplateUpload.model_validate(await _json(request))
         contents = {TEMPLATE_FILE: json.dumps(body.template).encode()}
         description = body.description
     else:
         parts = {f.filename or f"file{i}": await _read(f, settings.max_upload_bytes) for i, f in enumerate(files or [])}
         blob = await _read(archive, settings.max_upload_bytes) if archive is not None else None
         contents = read_upload(parts or None, blob, max_bytes=settings.max_upload_bytes)
+    current = await run_in_threadpool(_identical_current, engine, task_id, contents, description)
+    if current is not None:
+        response.status_code = 200
+        return _version(current)
     info = await run_in_threadpool(engine.residency.upload, task_id, contents, description)
     return _version(info)
+
+
+def _identical_current(
+    engine: Engine, task_id: str, contents: Mapping[str, bytes], description: str | None
+) -> VersionInfo | None:
+    """The task's current version if `contents` would store exactly it again (for this backbone), else None."""
+    try:
+        current = engine.residency.store.info(task_id).current_info
+    except TaskNotFound:
+        return None
+    same = current.sha256 == content_sha256(contents) and current.backbone == engine.backbone.geometry.fingerprint
+    return current if same and description in (None, current.description) else None
 
 
 async def _read(upload: UploadFile, limit: int) -> bytes:
@@ -72,11 +99,12 @@ async def _read(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-async def _json(request: Request, limit: int) -> object:
-    body = await request.body()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the body exceeds the upload limit of {limit} bytes")
-    return json.loads(body)
+async def _json(request: Request) -> object:
+    """The body as JSON (its size is bounded by `limits.BodyLimits`); nesting too deep to parse is a 400 too."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 
 
 @router.get("", response_model=TaskList, responses=ERRORS)

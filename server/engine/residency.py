@@ -38,7 +38,7 @@ from adapters_store.format import (
 from adapters_store.memory import MemoryStore
 from server.engine.adapters import AdapterError, LoadedAdapter, Placement, load_adapter, load_peft_files
 from server.engine.adapters.pool import AdapterPool
-from server.engine.adapters.template import load_template
+from server.engine.adapters.template import load_template, with_prompt_format
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, EngineError, UnknownTask
 
@@ -219,10 +219,13 @@ class Residency:
         self.stats.host_bytes = sum(len(d) for f in self._host.values() for d in f.values())
 
     def _materialise(self, key: str, files: Mapping[str, bytes]) -> LoadedAdapter:
-        if TEMPLATE_FILE in files:
+        if CONFIG_FILE not in files:
             return load_template(key, files[TEMPLATE_FILE], self._backbone.tokenizer)
         config, tensors = load_peft_files(files[CONFIG_FILE], files[WEIGHTS_FILE])
-        return load_adapter(key, config, tensors, self._backbone.geometry, self._placement)
+        adapter = load_adapter(key, config, tensors, self._backbone.geometry, self._placement)
+        if TEMPLATE_FILE in files:  # the text the adapter was trained to see around each input
+            adapter = with_prompt_format(adapter, files[TEMPLATE_FILE])
+        return adapter
 
     def _make_room(self, incoming: _Entry) -> None:
         """Evict unpinned versions, least recently used first, until `incoming` fits (lock held)."""
@@ -261,7 +264,7 @@ class Residency:
         """Validate against the backbone, then store as the task's new current version (all or nothing)."""
         validate_task_id(task_id)
         try:
-            if TEMPLATE_FILE in files:
+            if CONFIG_FILE not in files:
                 parse_template(files[TEMPLATE_FILE])
                 kind, parameters = "template", 0
             else:

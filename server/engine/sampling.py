@@ -15,6 +15,10 @@ from operator import attrgetter
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_TEMPERATURE = 100.0
+# Below these, softmax(logits / temperature) and the top-p cut lose all precision: treated as these (as vLLM does).
+MIN_TEMPERATURE = 1e-2
+MIN_TOP_P = 1e-8
 MAX_LOGPROBS = 20
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts unsigned 64-bit seeds
 
@@ -52,8 +56,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN and infinities
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -130,11 +134,13 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     # logits: [n, vocab] fp32
     device = logits.device
     vocab = logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    temperature = torch.tensor(
+        [max(p.temperature, MIN_TEMPERATURE) for p in params], dtype=torch.float32, device=device
+    )
     logits = logits / temperature.unsqueeze(1)  # [n, vocab]
 
     if all((p.top_k == 0 or p.top_k >= vocab) and p.top_p >= 1.0 for p in params):
-        return torch.softmax(logits, dim=-1)  # [n, vocab]; nothing to filter, skip the sort
+        return _finite(torch.softmax(logits, dim=-1), logits)  # [n, vocab]; nothing to filter, skip the sort
 
     # Stable sort: among tied logits the lower id ranks first, so the cut is deterministic.
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)  # [n, vocab]
@@ -144,7 +150,7 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     remove = rank >= top_k.unsqueeze(1)  # [n, vocab]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
 
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)  # [n]
+    top_p = torch.tensor([max(p.top_p, MIN_TOP_P) for p in params], dtype=torch.float32, device=device)  # [n]
     sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [n, vocab]
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [n, vocab]
     # A token goes once the tokens ranked above it already reach top_p; the first token has
@@ -153,4 +159,14 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
 
     remove_in_vocab_order = torch.empty_like(remove).scatter_(1, sorted_ids, remove)  # [n, vocab]
-    return torch.softmax(logits.masked_fill(remove_in_vocab_order, float("-inf")), dim=-1)
+    return _finite(torch.softmax(logits.masked_fill(remove_in_vocab_order, float("-inf")), dim=-1), logits)
+
+
+def _finite(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A row whose distribution is not finite (its logits were) draws its argmax instead of failing the batch."""
+    broken = ~torch.isfinite(probs).all(dim=-1)  # [n]
+    if not bool(broken.any()):
+        return probs
+    argmax = logits.nan_to_num(nan=-torch.inf).argmax(dim=-1)  # [n]
+    fallback = torch.nn.functional.one_hot(argmax, probs.shape[-1]).to(probs.dtype)
+    return torch.where(broken[:, None], fallback, probs)

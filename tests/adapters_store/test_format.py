@@ -100,8 +100,13 @@ def test_archives_in_both_formats_with_or_without_a_top_folder(lora: dict[str, b
 def test_a_template_upload(lora: dict[str, bytes]) -> None:
     data = json.dumps({"instruction": "Classify."}).encode()
     assert read_upload({TEMPLATE_FILE: data, "README.md": b"x"}, max_bytes=MB) == {TEMPLATE_FILE: data}
-    with pytest.raises(FormatError, match="one or the other"):
-        read_upload({TEMPLATE_FILE: data, **lora}, max_bytes=MB)
+    # beside an adapter, template.json is its prompt format: kept, and only input_prefix/input_suffix may be set
+    with_format = read_upload({TEMPLATE_FILE: data, **lora}, max_bytes=MB)
+    assert with_format == {TEMPLATE_FILE: data, CONFIG_FILE: lora[CONFIG_FILE], WEIGHTS_FILE: lora[WEIGHTS_FILE]}
+    with pytest.raises(FormatError, match="only input_prefix and input_suffix"):
+        inspect_peft(with_format)
+    suffix = json.dumps({"input_suffix": "\n"}).encode()
+    assert inspect_peft({**lora, TEMPLATE_FILE: suffix}).kind == "lora"
 
 
 # --- read_upload: refusals ---------------------------------------------------------------------------

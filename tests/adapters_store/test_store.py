@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import queue
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,9 +23,10 @@ from adapters_store import (
     StoreUnavailable,
     TaskNotFound,
     VersionNotFound,
+    disk,
     open_store,
 )
-from adapters_store.base import AdapterStore, content_sha256
+from adapters_store.base import AdapterStore, content_sha256, redacted
 from adapters_store.disk import DiskStore
 from adapters_store.redis import RedisStore
 
@@ -270,6 +273,31 @@ def test_disk_debris_is_cleaned_lazily(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr("adapters_store.disk.STALE_UPLOAD_S", -1.0)
     DiskStore(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_killed_writers_staging_dir_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """Staging dirs are named after their writer: a dead process's go at once, a live one's stay."""
+    DiskStore(tmp_path)
+    script = (
+        "import os, sys, tempfile; from adapters_store import disk; "
+        "d = tempfile.mkdtemp(prefix=disk._staging_prefix(), dir=sys.argv[1]); "
+        "open(os.path.join(d, 'adapter_model.safetensors'), 'wb').write(b'half'); "
+        "os.kill(os.getpid(), 9)"  # kill -9 mid-upload
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tmp")], cwd=Path(__file__).parents[2])
+    assert killed.returncode == -9
+    [leftover] = (tmp_path / "tmp").iterdir()
+    live = Path(tempfile.mkdtemp(prefix=disk._staging_prefix(), dir=tmp_path / "tmp"))  # this process: a writer
+    foreign = tmp_path / "tmp" / "put-1-0123abcd-ffffffff-elsewhere"  # another host's: only the hour rule applies
+    foreign.mkdir()
+    DiskStore(tmp_path)
+    assert not leftover.exists() and live.exists() and foreign.exists()
+
+
+def test_store_urls_are_logged_without_their_password() -> None:
+    assert redacted("redis://:S3cretPW@redis:6379/0") == "redis://***@redis:6379/0"
+    assert redacted("rediss://user:pw@h/0?password=x&ssl=1") == "rediss://***@h/0?password=***&ssl=1"
+    assert redacted("file://data/store") == "file://data/store"
 
 
 def test_readers_never_see_a_torn_version(store: AdapterStore, store_url: str) -> None:

@@ -38,3 +38,15 @@ def test_the_spec_documents_every_route_and_both_key_schemes(client):
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tasks/{task_id}/generate", "/metrics"):
         assert path in spec["paths"], path
     assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+
+
+def test_the_spec_documents_validation_errors_as_they_are_answered(client):
+    """Validation errors are 400s in the documented shape: no route claims FastAPI's 422 HTTPValidationError."""
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in str(spec)
+    generate = spec["paths"]["/v1/tasks/{task_id}/generate"]["post"]["responses"]
+    assert "422" not in generate and generate["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorBody"
+    )
+    upload = spec["paths"]["/v1/tasks/{task_id}/versions"]["post"]["responses"]
+    assert upload["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")  # invalid_adapter

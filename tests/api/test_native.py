@@ -69,7 +69,12 @@ def test_upload_then_generate_uses_the_task(client, lora_dir):
     tuned = generate(client, "greeter", prompt=prompt).json()
     base = generate(client, "base", prompt=prompt).json()
     assert tuned["version"] == 1 and tuned["token_ids"] != base["token_ids"]
-    assert upload(client, "greeter", peft_files(lora_dir)).json()["version"] == 2
+    described = client.post(
+        "/v1/tasks/greeter/versions",
+        files=[("files", f) for f in peft_files(lora_dir).items()],
+        data={"description": "the same files, now described"},
+    )
+    assert described.status_code == 201 and described.json()["version"] == 2
     assert generate(client, "greeter", prompt=prompt).json()["version"] == 2
 
 
@@ -140,7 +145,8 @@ def test_archive_upload_rollback_and_task_info(client, lora_dir):
             tar.add(lora_dir / name, arcname=f"my-adapter/{name}")
     created = client.post("/v1/tasks/archived/versions", files={"archive": ("a.tar.gz", buffer.getvalue())})
     assert created.status_code == 201, created.text
-    assert upload(client, "archived", peft_files(lora_dir)).json()["version"] == 2
+    files = [("files", f) for f in peft_files(lora_dir).items()]
+    assert client.post("/v1/tasks/archived/versions", files=files, data={"description": "v2"}).json()["version"] == 2
     info = client.get("/v1/tasks/archived").json()
     assert info["version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
     assert info["resident"] is True  # the uploading replica keeps what it just validated
@@ -173,6 +179,22 @@ def test_template_task_wraps_the_prompt(client):
     assert "Paris" in answer["text"]
     bad = client.post("/v1/tasks/bad-template/versions", json={"template": {"examples": [{"input": 1}]}})
     assert bad.status_code == 422 and "template.json" in bad.json()["error"]["message"]
+
+
+def test_an_adapter_with_a_prompt_format_wraps_each_prompt(client, lora_dir):
+    """template.json beside the adapter: every route feeds the model `prompt + "\n"`, as the trainer trained it."""
+    files = {**peft_files(lora_dir), "template.json": b'{"input_suffix": "\\n"}'}
+    assert upload(client, "formatted", files).status_code == 201
+    assert upload(client, "unformatted", peft_files(lora_dir)).status_code == 201
+    plain = generate(client, "unformatted", prompt="Rivers").json()
+    wrapped = generate(client, "formatted", prompt="Rivers").json()
+    assert wrapped["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1  # the "\n" token
+    body = {"model": "formatted", "prompt": "Rivers", "max_tokens": 8, "temperature": 0}
+    completion = client.post("/v1/completions", json=body).json()
+    assert completion["choices"][0]["text"] == wrapped["text"]
+    assert completion["usage"]["prompt_tokens"] == wrapped["usage"]["prompt_tokens"]
+    refused = upload(client, "formatted", {**files, "template.json": b'{"instruction": "Be brief."}'})
+    assert refused.status_code == 422 and "input_prefix and input_suffix" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("task_id", ["base", "-leading-dash", "x" * 200, "sp ace"])

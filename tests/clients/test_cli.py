@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from client_helpers import INFERENCE_KEY, assert_error
+from client_helpers import ADMIN_KEY, INFERENCE_KEY, assert_error
+
+REPO = Path(__file__).resolve().parents[2]
 
 CAPITALS = {
     "template": {
@@ -46,9 +52,32 @@ def test_upload_tasks_generate_rollback_rm(cli, lora_dir: Path, tmp_path: Path):
     assert back.returncode == 0 and json.loads(back.stdout)["kind"] == "lora"
     assert json.loads(cli("--json", "tasks", "cli-lora").stdout)["version"] == 1
 
-    removed = cli("rm", "cli-lora")
+    assert_error(cli("rm", "cli-lora"), 2, "--yes")  # nobody to ask: stdin is not a terminal
+    assert cli("tasks", "cli-lora").returncode == 0
+    removed = cli("rm", "cli-lora", "--yes")
     assert removed.returncode == 0 and "deleted" in removed.stdout
     assert_error(cli("tasks", "cli-lora"), 1, "unknown task 'cli-lora'")
+
+
+def test_rm_asks_on_a_terminal(cli, live, lora_dir: Path):
+    assert cli("upload", "cli-asked", str(lora_dir)).returncode == 0
+    for answer, status in (("n", 1), ("y", 0)):
+        controller, terminal = pty.openpty()
+        os.write(controller, f"{answer}\n".encode())
+        asked = subprocess.run(
+            [sys.executable, "-m", "clients.cli", "rm", "cli-asked"],
+            cwd=REPO,
+            env={**os.environ, "TASKSERVE_URL": live.url, "TASKSERVE_API_KEY": ADMIN_KEY},
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        os.close(controller)
+        os.close(terminal)
+        assert asked.returncode == status, asked.stderr
+        assert "delete task 'cli-asked' and all its 1 version(s)?" in asked.stderr
+    assert_error(cli("tasks", "cli-asked"), 1, "unknown task")
 
 
 def test_generate_modes(cli):
@@ -106,7 +135,7 @@ def test_server_side_errors(cli):
     assert_error(cli("generate", "base", "hi", "--max-new-tokens", "0"), 1, "max_new_tokens")
     assert_error(cli("tasks", env={"TASKSERVE_API_KEY": "nope"}), 1, "invalid API key")
     assert_error(cli("upload", "base", "x"), 1, "reserved")
-    forbidden = cli("rm", "cli-anything", env={"TASKSERVE_API_KEY": INFERENCE_KEY})
+    forbidden = cli("rm", "cli-anything", "--yes", env={"TASKSERVE_API_KEY": INFERENCE_KEY})
     assert_error(forbidden, 1, "admin key")
 
 
@@ -138,3 +167,22 @@ def test_bad_files(cli, lora_dir: Path, tmp_path: Path):
 )
 def test_bad_arguments(cli, args, fragment):
     assert_error(cli(*args), 2, fragment)
+
+
+def test_help_names_defaults_units_and_env_variables(cli):
+    train = " ".join(cli("train", "--help").stdout.split())
+    for text in (
+        "--batch-size N examples per optimizer step (default: 8)",
+        "--lora-alpha",
+        "--lora-dropout",
+        "--lora-targets",
+        "(default: q_proj,v_proj)",
+        "--seed SEED seeds initialisation",
+        "TASKSERVE_URL",
+        "--max-length TOKENS",
+        "--timeout SECONDS",
+    ):
+        assert text in train, text
+    generate = " ".join(cli("generate", "--help").stdout.split())
+    for flag in ("--top-p", "--top-k", "--seed", "--temperature"):
+        assert f"{flag} {flag[2:].upper().replace('-', '_')} " in generate and "(default:" in generate

@@ -82,20 +82,21 @@ def test_upload_directory_archives_and_peft_model(client: Client, lora_dir: Path
     assert created.description == "from a directory"
     assert created.parameters == _lora_parameters(lora_dir)
 
+    # the same files, however they travel, are the current version again: nothing is stored
     for suffix in (".tar.gz", ".zip"):
         path = tmp_path / f"adapter{suffix}"
         path.write_bytes(_archive(lora_dir, suffix))
-        assert client.upload(task, path).kind == "lora"
+        again = client.upload(task, path)
+        assert (again.version, again.unchanged, again.sha256) == (1, True, created.sha256)
     from_model = client.upload(task, lora_model)
-    assert (from_model.version, from_model.parameters) == (4, created.parameters)
+    assert (from_model.version, from_model.unchanged, from_model.parameters) == (1, True, created.parameters)
+    assert not created.unchanged and [v.version for v in client.task(task).versions] == [1]
 
-    info = client.task(task)
-    assert info.version == 4 and [v.version for v in info.versions] == [1, 2, 3, 4]
-    assert len({v.sha256 for v in info.versions}) == 1  # the same weights, however they travelled
-
+    described = client.upload(task, lora_model, description="the same weights, described")
+    assert (described.version, described.unchanged, described.sha256) == (2, False, created.sha256)
     base = client.generate("base", PROMPT, max_new_tokens=8)
     tuned = client.generate(task, PROMPT, max_new_tokens=8)
-    assert tuned.version == 4 and tuned.token_ids != base.token_ids  # the adapter is applied
+    assert tuned.version == 2 and tuned.token_ids != base.token_ids  # the adapter is applied
 
 
 def test_templates_from_a_dict_and_a_file(client: Client, tmp_path: Path):
@@ -197,7 +198,8 @@ async def test_async_client(live, lora_dir: Path, lora_model):
 
         task = "sdk-async"
         assert (await client.upload(task, lora_dir)).version == 1
-        assert (await client.upload(task, lora_model)).version == 2
+        assert (await client.upload(task, lora_model)).unchanged  # the same files as version 1
+        assert (await client.upload(task, lora_model, description="described")).version == 2
         assert (await client.upload_template(task, CAPITALS)).kind == "template"
         assert task in [v.task_id async for v in client.tasks(page_size=2)]
         assert (await client.rollback(task, 2)).kind == "lora"

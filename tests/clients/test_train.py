@@ -13,11 +13,13 @@ import torch
 from client_helpers import assert_error
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapters_store.format import inspect_peft, read_upload
+from adapters_store.format import inspect_peft, parse_prompt_format, read_upload
 from clients import Client
 from clients.cli_train import METHOD_NAMES
 from clients.train import METHODS, TrainOptions, greedy_continuation, train
-from clients.train_data import IGNORE, Record, encode, init_words, read_records
+from clients.train_data import IGNORE, PROMPT_FORMAT, DataError, Record, encode, init_words, read_records
+from server.engine.adapters import LoadedAdapter
+from server.engine.adapters.template import render_ids
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_INPUT = "name[The Eagle] eatType[coffee shop] food[Chinese] area[riverside]"
@@ -85,6 +87,7 @@ def test_each_method_saves_a_servable_adapter(method: str, tiny_model: Path, exa
     files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     summary = inspect_peft(read_upload(files, max_bytes=1 << 30))  # what the server checks first
     assert summary.kind == KINDS[method] == trained.upload.kind
+    assert json.loads(files["template.json"]) == {"input_suffix": "\n"}  # the prompt format, uploaded with it
     assert trained.steps == 2 and trained.train_loss > 0
     config = summary.config
     if method == "prefix":
@@ -97,15 +100,38 @@ def test_each_method_saves_a_servable_adapter(method: str, tiny_model: Path, exa
         assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
 
 
+def test_the_same_seed_trains_the_same_adapter(tiny_model: Path, examples: Path, tmp_path: Path):
+    """Same seed, data, machine and thread count: bit-identical weights and losses (docs/quickstart.md, what varies)."""
+    data = examples / "e2e" / "train.jsonl"
+
+    def run(seed: int, name: str) -> tuple[float, bytes]:
+        options = TrainOptions(method="prefix", data=data, out=tmp_path / name, model=tiny_model, steps=2, seed=seed)
+        trained = train(options)
+        return trained.train_loss, (tmp_path / name / "adapter_model.safetensors").read_bytes()
+
+    first, again, other = run(7, "a"), run(7, "b"), run(8, "c")
+    assert first == again and first[1] != other[1]
+
+
 def test_plain_records_are_cut_where_the_server_cuts_prompts(default_model_dir: Path):
+    """The prompt is what the server feeds the model for this input, in the saved format; no separator is learned."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     example = encode(Record(input=E2E_INPUT, output="The Eagle is a coffee shop."), tokenizer, eos_id=2, max_length=512)
-    prompt_ids = tokenizer.encode(E2E_INPUT)  # exactly what the server feeds the model for this prompt
+    served = LoadedAdapter(key="t@1", kind="lora", template=parse_prompt_format(json.dumps(PROMPT_FORMAT).encode()))
+    prompt_ids = list(render_ids(served, E2E_INPUT, tokenizer))  # exactly what the server feeds the model
     assert example.input_ids[: len(prompt_ids)] == prompt_ids
     assert example.labels[: len(prompt_ids)] == [IGNORE] * len(prompt_ids)
     answer = example.labels[len(prompt_ids) :]
-    assert answer[-1] == 2 and tokenizer.decode(answer) == "\nThe Eagle is a coffee shop.<|im_end|>"
+    assert answer[-1] == 2 and tokenizer.decode(answer) == "The Eagle is a coffee shop.<|im_end|>"
     assert encode(Record(input="x " * 50, output="y"), tokenizer, eos_id=2, max_length=10) is None  # nothing to learn
+
+
+def test_a_data_file_is_one_shape(tmp_path: Path):
+    mixed = tmp_path / "mixed.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    mixed.write_text(json.dumps({"input": "a", "output": "b"}) + "\n" + json.dumps(chat) + "\n")
+    with pytest.raises(DataError, match="mixes"):
+        read_records(mixed)
 
 
 def test_chat_records_learn_only_the_assistant_turns(default_model_dir: Path):
@@ -141,6 +167,7 @@ def test_cli_trains_chat_data_without_a_server(cli, tiny_model: Path, tmp_path: 
     assert summary["eval_loss_before"] > 0 and summary["eval_loss_after"] > 0
     assert len(summary["samples"]) == 1 and "tuned" in summary["samples"][0]  # a cache-free local sample
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "template.json").exists()  # chat is rendered by the chat template, no format
 
 
 def test_cli_train_errors(cli, tiny_model: Path, tmp_path: Path, closed_url: str):

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -244,10 +245,21 @@ def test_the_console_works_through_the_proxy(proxy: httpx.Client, tasks: dict[st
 def test_the_proxy_keeps_serving_every_task_when_a_replica_dies(
     proxy: httpx.Client, tasks: dict[str, str], cluster: Cluster
 ) -> None:
-    """Last in this module: it kills a replica."""
+    """Last in this module: it kills a replica, with a generation in flight on it."""
     dead, survivor = cluster[1]
     versions = {task_id: proxy.get(f"/v1/tasks/{task_id}").json()["version"] for task_id in tasks}
-    dead.kill()
+    doomed = next(task_id for task_id, upstream in tasks.items() if upstream == dead.address)
+    body = {"prompt": "Once upon a time", "max_new_tokens": 200, "ignore_eos": True}  # seconds on a CPU
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(proxy.post, f"/v1/tasks/{doomed}/generate", json=body)
+        time.sleep(1.0)  # sent, and not answered: a non-streamed answer comes at the end
+        assert not in_flight.done()
+        dead.kill()
+        retried = in_flight.result()
+    # inference has no side effects: nginx sent it again to the next replica instead of answering 502
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["x-upstream"] == f"{dead.address}, {survivor.address}"
+    assert retried.json()["usage"]["completion_tokens"] == 200
     for _ in range(2):  # the first request may try the dead replica first; the second knows it is down
         for task_id in tasks:
             response = generate(proxy, task_id)
@@ -255,3 +267,12 @@ def test_the_proxy_keeps_serving_every_task_when_a_replica_dies(
             assert response.json()["version"] == versions[task_id]
         health = proxy.get("/health")
         assert health.status_code == 200 and health.headers["x-upstream"].endswith(survivor.address)
+
+
+def test_only_inference_is_retried_after_reaching_a_replica() -> None:
+    """An upload, rollback or delete that reached a replica must never be sent again (it would apply twice)."""
+    conf = NGINX_CONF.read_text()
+    retried = re.findall(r"^\s*location ([^{]+)\{[^}]*non_idempotent", conf, re.MULTILINE)
+    assert [pattern.strip() for pattern in retried] == ["~ ^/v1/(completions|chat/completions|tasks/[^/]+/generate)$"]
+    directives = re.findall(r"^\s*proxy_next_upstream\s[^;]*;", conf, re.MULTILINE)
+    assert len(directives) == 2 and sum("non_idempotent" in d for d in directives) == 1

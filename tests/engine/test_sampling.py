@@ -180,6 +180,9 @@ def test_bf16_logits() -> None:
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"logprobs": 21}, "logprobs"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
@@ -193,6 +196,15 @@ def test_bf16_logits() -> None:
 def test_invalid_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_extreme_values_sample_safely_and_never_fail_batch_mates() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")  # a row whose forward went wrong
+    rows = [SamplingParams(temperature=1e-39, top_p=1e-300, seed=1), SamplingParams(temperature=1.0, seed=2)] * 2
+    tokens = sample(logits, rows[:3], [make_generator(p, torch.device("cpu")) for p in rows[:3]])
+    assert tokens[0] == logits[0].argmax()  # a vanishing temperature or nucleus keeps the top token
+    assert 0 <= int(tokens[1]) < 50 and tokens[2] == sample(logits[2:], rows[2:3], [make_generator(rows[2], "cpu")])[0]
 
 
 def test_params_normalise_stop_list() -> None:

@@ -42,7 +42,7 @@ def load_peft_files(config_json: bytes, weights: bytes) -> tuple[dict[str, Any],
     """Decode `adapter_config.json` and `adapter_model.safetensors`; never unpickles anything."""
     try:
         config = json.loads(config_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")

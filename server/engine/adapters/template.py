@@ -7,7 +7,9 @@ prefix tuning, except these keys went through RoPE at positions 0..n-1 like any 
 
 from __future__ import annotations
 
-from adapters_store.format import Template, parse_template
+from dataclasses import replace
+
+from adapters_store.format import Template, parse_prompt_format, parse_template
 from server.engine.adapters.base import AdapterError, LoadedAdapter
 
 
@@ -16,6 +18,11 @@ def load_template(key: str, data: bytes, tokenizer) -> LoadedAdapter:
         raise AdapterError("template tasks need a backbone with a tokenizer")
     template = parse_template(data)
     return LoadedAdapter(key=key, kind="template", template=template, template_ids=leading_ids(template, tokenizer))
+
+
+def with_prompt_format(adapter: LoadedAdapter, data: bytes) -> LoadedAdapter:
+    """An adapter whose requests are wrapped in the text it was trained with (no leading text: no cached KV)."""
+    return replace(adapter, template=parse_prompt_format(data))
 
 
 def leading_ids(template: Template, tokenizer) -> tuple[int, ...]:
