@@ -135,7 +135,14 @@ def test_upload_by_drop_then_listed_then_new_version_then_rollback(page: Page, a
     expect(row).to_contain_text("prompt_tuning")
     expect(row).to_contain_text("v1")
 
-    page.goto("/console/#/upload?task=greeter")  # a whole folder, through the folder picker
+    page.goto("/console/#/upload?task=greeter")  # the same files again: the server stores nothing, and says so
+    page.set_input_files("#folder-input", str(adapter_dir))
+    page.click("#upload-submit")
+    expect(page.locator(".toast")).to_contain_text("Identical to greeter v1, the current version: nothing stored")
+    expect(page.locator("#current-version")).to_have_text("v1")
+
+    page.goto("/console/#/upload?task=greeter")  # a whole folder, through the folder picker, described anew
+    page.fill("#description", "second try")
     page.set_input_files("#folder-input", str(adapter_dir))
     expect(page.locator(".file-row")).to_have_count(3)
     page.click("#upload-submit")

@@ -119,7 +119,8 @@ function parseEvent(block) {
 
 /**
  * POST /v1/tasks/{id}/versions with a FormData or a JSON body, through XMLHttpRequest: fetch cannot report
- * upload progress. onProgress(sent, total) follows the request body; resolves to the new version.
+ * upload progress. onProgress(sent, total) follows the request body; resolves to the new version, or to the
+ * current one with `unchanged: true` when the server stored nothing (200: identical to the current version).
  */
 export function upload(taskId, body, { onProgress } = {}) {
   return new Promise((resolve, reject) => {
@@ -133,6 +134,7 @@ export function upload(taskId, body, { onProgress } = {}) {
     if (onProgress) xhr.upload.addEventListener('progress', (e) => onProgress(e.loaded, e.lengthComputable ? e.total : null));
     xhr.addEventListener('load', () => {
       if (xhr.status === 201) return resolve(xhr.response);
+      if (xhr.status === 200) return resolve({ ...xhr.response, unchanged: true });
       const error = xhr.response?.error;
       const problem = new ApiError(xhr.status, error?.type ?? 'http_error', error?.message ?? `HTTP ${xhr.status}`);
       if (xhr.status === 401) window.dispatchEvent(new CustomEvent('taskserve:unauthorized', { detail: problem }));

@@ -142,7 +142,9 @@ export function render(container, { session, query }) {
             : 'Validating on the server…';
         },
       });
-      toast(`Uploaded ${created.task_id} v${created.version}`);
+      toast(created.unchanged
+        ? `Identical to ${created.task_id} v${created.version}, the current version: nothing stored`
+        : `Uploaded ${created.task_id} v${created.version}`);
       location.hash = route(['tasks', created.task_id]);
     } catch (error) {
       progress.hidden = true;
