@@ -22,7 +22,7 @@ from server.api.metrics import Metrics
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
+from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta, TokenLogprob
 from server.engine.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -174,6 +174,8 @@ class Completed:
     text: str
     token_ids: list[int]
     last: TokenDelta  # carries finish_reason, usage and the task version
+    first: TokenDelta  # carries the prompt's ids and, when asked, its log-probabilities
+    logprobs: list[TokenLogprob]  # one per token id when the request asked for them, else empty
 
     @property
     def version(self) -> int | None:
@@ -181,16 +183,18 @@ class Completed:
 
 
 async def collect(deltas: AsyncIterator[TokenDelta]) -> Completed:
-    text, token_ids, delta = [], [], None
+    text, token_ids, logprobs, first, delta = [], [], [], None, None
     async with aclosing(deltas):
         async for delta in deltas:
             if delta.finish_reason not in (None, "stop", "length"):
                 raise GenerationFailed(f"generation failed: {delta.error or delta.finish_reason}")
+            first = first or delta
             text.append(delta.text)
             token_ids += delta.token_ids
+            logprobs += delta.logprobs or ()
     if delta is None:
         raise GenerationFailed("generation ended without a finish reason")
-    return Completed(text="".join(text), token_ids=token_ids, last=delta)
+    return Completed(text="".join(text), token_ids=token_ids, last=delta, first=first, logprobs=logprobs)
 
 
 def task_version(delta: TokenDelta) -> int | None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import TASK_ID
+from server.api import logprobs
 from server.api.auth import AuthorizedRoute, InferenceAccess
 from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
@@ -35,8 +36,10 @@ from server.api.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
     Model,
@@ -76,10 +79,11 @@ def _no_such_model(engine: Engine, model: str) -> UnknownTask:
     return UnknownTask(f"the model {model!r} does not exist: name a task id, 'base' or {engine.backbone.name!r}")
 
 
-def _sampling(body: SamplingFields, max_tokens: int, server_limit: int) -> SamplingParams:
+def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scoring) -> SamplingParams:
     if max_tokens > server_limit:
         raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}")
     return sampling_params(
+        **scoring,
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -125,17 +129,29 @@ async def completions(
 ):
     """OpenAI text completion: `prompt` continued by the task `model`. With `stream`, server-sent events."""
     limit = engine.settings.max_new_tokens
-    sampling = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, limit)
+    sampling = _sampling(
+        body,
+        16 if body.max_tokens is None else body.max_tokens,
+        limit,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,
+    )
     deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text)
     reply = _Reply.new("cmpl", body.model)
+    pieces = _CompletionPieces(engine.backbone.tokenizer, body.echo, body.logprobs is not None)
     if body.stream:
-        return EventStream(_completion_events(reply, deltas, body.include_usage), source=deltas)
+        return EventStream(_completion_events(reply, deltas, body.include_usage, pieces), source=deltas)
     done = await unless_disconnected(request, collect(deltas))
+    prompt_text, prompt_scores = pieces.prompt(done.first)
+    text, scores = pieces.tokens(done.text, done.token_ids, done.logprobs)
+    choice = CompletionChoice(
+        text=prompt_text + text, finish_reason=done.last.finish_reason, logprobs=_joined(prompt_scores, scores)
+    )
     return Completion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[CompletionChoice(text=done.text, finish_reason=done.last.finish_reason)],
+        choices=[choice],
         usage=_usage(done.last),
         system_fingerprint=done.last.task_version,
     )
@@ -147,20 +163,26 @@ async def chat_completions(
 ):
     """OpenAI chat completion: `messages` through the backbone's chat template, answered by the task `model`."""
     limit = engine.settings.max_new_tokens
-    sampling = _sampling(body, limit if body.limit is None else body.limit, limit)
+    sampling = _sampling(body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked)
     messages = [m.native() for m in body.messages]
     deltas = await _start(
         engine, body, sampling, metrics, admission, messages=messages, fill_context=body.limit is None
     )
     reply = _Reply.new("chatcmpl", body.model)
+    tokenizer = engine.backbone.tokenizer if body.logprobs else None
     if body.stream:
-        return EventStream(_chat_events(reply, deltas, body.include_usage), source=deltas)
+        return EventStream(_chat_events(reply, deltas, body.include_usage, tokenizer), source=deltas)
     done = await unless_disconnected(request, collect(deltas))
+    choice = ChatChoice(
+        message=AssistantMessage(content=done.text),
+        finish_reason=done.last.finish_reason,
+        logprobs=_chat_logprobs(tokenizer, done.logprobs),
+    )
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.last.finish_reason)],
+        choices=[choice],
         usage=_usage(done.last),
         system_fingerprint=done.last.task_version,
     )
@@ -187,6 +209,47 @@ async def get_model(model: str, request: Request, engine: EngineDep):
     return Model(id=model, created=int(info.current_info.created_at))
 
 
+class _CompletionPieces:
+    """A completion's text and log-probabilities, piece by piece: the echoed prompt, then each delta's tokens, with
+    each token's offset in the choice's text running on across pieces."""
+
+    def __init__(self, tokenizer, echo: bool, logprobs: bool):
+        self.tokenizer, self.echo, self.logprobs = tokenizer, echo, logprobs
+        self.offset = 0
+
+    def prompt(self, first: TokenDelta) -> tuple[str, CompletionLogprobs | None]:
+        """The prompt as the model saw it (a template task's wrapping included), when echoed."""
+        if not self.echo:
+            return "", None
+        ids = first.prompt_ids or ()
+        text = self.tokenizer.decode(list(ids))
+        scored = first.prompt_logprobs or [None] * len(ids)
+        return text, self._scores(scored, ids)
+
+    def tokens(self, text: str, token_ids, scored) -> tuple[str, CompletionLogprobs | None]:
+        return text, self._scores(scored, token_ids)
+
+    def _scores(self, scored, token_ids) -> CompletionLogprobs | None:
+        if not self.logprobs:
+            return None
+        shown = logprobs.completion(self.tokenizer, scored, token_ids, self.offset)
+        self.offset += sum(map(len, shown["tokens"]))
+        return CompletionLogprobs(**shown)
+
+
+def _joined(*parts: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return CompletionLogprobs(
+        **{field: [x for p in present for x in getattr(p, field)] for field in CompletionLogprobs.model_fields}
+    )
+
+
+def _chat_logprobs(tokenizer, scored) -> ChatLogprobs | None:
+    return None if tokenizer is None else ChatLogprobs(content=logprobs.chat(tokenizer, scored))
+
+
 def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
@@ -201,13 +264,16 @@ def _failure(delta: TokenDelta) -> str | None:
     return _sse(OpenAIError(error=detail))
 
 
-async def _completion_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool):
-    def chunk(text: str, finish=None, usage=None, fingerprint=None, choices=True) -> str:
+async def _completion_events(
+    reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool, pieces: _CompletionPieces
+):
+    def chunk(text: str, finish=None, usage=None, fingerprint=None, choices=True, logprobs=None) -> str:
+        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)
         body = Completion(
             id=reply.id,
             created=reply.created,
             model=reply.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else [],
+            choices=[choice] if choices else [],
             usage=usage,
             system_fingerprint=fingerprint,
         )
@@ -217,8 +283,12 @@ async def _completion_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], i
         if (failure := _failure(delta)) is not None:
             yield failure
             break
-        if delta.text:
-            yield chunk(delta.text, fingerprint=delta.task_version)
+        if delta.prompt_ids is not None and pieces.echo:
+            text, scores = pieces.prompt(delta)
+            yield chunk(text, fingerprint=delta.task_version, logprobs=scores)
+        if delta.text or (delta.token_ids and pieces.logprobs):
+            text, scores = pieces.tokens(delta.text, delta.token_ids, delta.logprobs or [])
+            yield chunk(text, fingerprint=delta.task_version, logprobs=scores)
         if delta.finish_reason is not None:
             yield chunk("", finish=delta.finish_reason, fingerprint=delta.task_version)
             if include_usage:
@@ -226,13 +296,16 @@ async def _completion_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], i
     yield "data: [DONE]\n\n"
 
 
-async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool):
-    def chunk(delta: ChatDelta | None, finish=None, usage=None, fingerprint=None) -> str:
+async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool, tokenizer):
+    """`tokenizer` is None unless the request asked for log-probabilities."""
+
+    def chunk(delta: ChatDelta | None, finish=None, usage=None, fingerprint=None, logprobs=None) -> str:
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
         body = ChatCompletionChunk(
             id=reply.id,
             created=reply.created,
             model=reply.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else [],
+            choices=[choice] if delta is not None else [],
             usage=usage,
             system_fingerprint=fingerprint,
         )
@@ -243,8 +316,9 @@ async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include
         if (failure := _failure(delta)) is not None:
             yield failure
             break
-        if delta.text:
-            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.task_version)
+        if delta.text or (delta.token_ids and tokenizer is not None):
+            scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.task_version, logprobs=scores)
         if delta.finish_reason is not None:
             yield chunk(ChatDelta(), finish=delta.finish_reason, fingerprint=delta.task_version)
             if include_usage:

@@ -35,6 +35,10 @@ class StepInputs:
     adapters: AdapterStep | None
     sampled: tuple[Generation, ...]  # rows whose last pending input is computed this step: they sample
     sample_index: torch.Tensor  # [sampled] long: the packed input whose logits each samples from
+    # prompt log-probabilities, for rows that asked: the packed inputs that predict a prompt token, and those tokens
+    scored: tuple[Chunk, ...] = ()  # (row, how many of its prompt tokens are scored this step), in packed order
+    score_index: torch.Tensor | None = None  # [scored tokens] long
+    score_targets: torch.Tensor | None = None  # [scored tokens] long: the prompt token each input predicts
 
 
 class Batch:
@@ -88,6 +92,9 @@ class Batch:
         prefill_rows: list[tuple[int, int, torch.Tensor]] = []
         sampled: list[Generation] = []
         sample_index: list[int] = []
+        scored: list[Chunk] = []
+        score_index: list[int] = []
+        score_targets: list[int] = []
         for row, n in rows:
             start, first = len(ids), row.computed
             self._reserve(row, first + n)
@@ -107,6 +114,13 @@ class Batch:
             if first + n == row.inputs:
                 sampled.append(row)
                 sample_index.append(start + n - 1)
+            if row.sampling.prompt_logprobs is not None:
+                # input i predicts input i + 1: the prompt's inputs before its last predict its tokens after the first
+                lo, hi = max(first, row.soft_len), min(first + n, row.prompt_inputs - 1)
+                if lo < hi:
+                    scored.append((row, hi - lo))
+                    score_index += range(start + lo - first, start + hi - first)
+                    score_targets += row.prompt_ids[lo + 1 - row.soft_len : hi + 1 - row.soft_len]
         slot_mapping = torch.cat(slot_parts)
         spans = [(r.adapter, n) for r, n in rows]
         self._adapters = AdapterStep.build(spans, self.adapter_pool, self.lora_backend, previous=self._adapters)
@@ -120,6 +134,9 @@ class Batch:
             adapters=self._adapters,
             sampled=tuple(sampled),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+            scored=tuple(scored),
+            score_index=torch.tensor(score_index, dtype=torch.long, device=device) if scored else None,
+            score_targets=torch.tensor(score_targets, dtype=torch.long, device=device) if scored else None,
         )
 
     def _reserve(self, row: Generation, inputs: int) -> None:

@@ -182,6 +182,8 @@ class Engine:
             token_ids=[t for d in parts for t in d.token_ids],
             text="".join(d.text for d in parts),
             logprobs=None if request.sampling.logprobs is None else [lp for d in parts for lp in d.logprobs or ()],
+            prompt_logprobs=parts[0].prompt_logprobs,
+            prompt_ids=parts[0].prompt_ids,
         )
 
     def _detokenizer(self, request: GenerationRequest) -> IncrementalDetokenizer | None:
@@ -293,11 +295,14 @@ class Engine:
                 rows=tuple(r for _, o in parts for r in o.rows),
                 tokens=tuple(t for _, o in parts for t in o.tokens),
                 logprobs=tuple(lp for _, o in parts for lp in o.logprobs),
+                prompt_logprobs=tuple(lp for _, o in parts for lp in o.prompt_logprobs),
             )
 
     def _update(self, done: Iterable[tuple[Generation, int]], output: RunnerOutput) -> None:
         for row, n in done:
             row.computed += n
+        for row, scored in output.prompt_logprobs:
+            row.prompt_logprobs += scored
         self.waiting.charge(Counter(row.request.task_id for row in output.rows))
         for row, token, logprob in zip(output.rows, output.tokens, output.logprobs):
             delta = row.accept(token, logprob)

@@ -37,6 +37,7 @@ class Generation:
         self.generator = make_generator(request.sampling, device)
         self.eos_ids = frozenset() if request.sampling.ignore_eos else eos_ids
         self.output_ids: list[int] = []
+        self.prompt_logprobs: list[TokenLogprob] = []  # prompt tokens after the first, as prefill scores them
         self.computed = 0  # inputs whose KV is cached
         self.cancelled = False  # set from any thread; read by the engine thread at the next step
         # the KV this row holds while it runs, kept by the Batch
@@ -98,14 +99,29 @@ class Generation:
     # --- output --------------------------------------------------------------------------------------
 
     def accept(self, token: int, logprob: TokenLogprob | None) -> TokenDelta:
-        """Record one sampled token; the delta says whether the row is done."""
+        """Record one sampled token; the delta says whether the row is done.
+
+        The first delta carries the prompt's log-probabilities, when asked. A row that asks for no new tokens
+        (it only scores its prompt) ends here without keeping the token.
+        """
+        first = not self.output_ids
+        if self.sampling.max_new_tokens == 0:
+            return self._delta([], "length", prompt_logprobs=self._scored_prompt(), prompt_ids=self.prompt_ids)
         self.output_ids.append(token)
         reason: FinishReason | None = None
         if token in self.eos_ids:
             reason = "stop"
         elif self.remaining <= 0:
             reason = "length"
-        return self._delta([token], reason, logprobs=None if logprob is None else [logprob])
+        logprobs = None if logprob is None else [logprob]
+        if not first:
+            return self._delta([token], reason, logprobs=logprobs)
+        return self._delta(
+            [token], reason, logprobs=logprobs, prompt_logprobs=self._scored_prompt(), prompt_ids=self.prompt_ids
+        )
+
+    def _scored_prompt(self) -> list[TokenLogprob | None] | None:
+        return None if self.sampling.prompt_logprobs is None else [None, *self.prompt_logprobs]
 
     def end(self, reason: FinishReason, error: str | None = None) -> None:
         """Close the stream without a token (cancelled, or a fault)."""
@@ -117,6 +133,8 @@ class Generation:
         reason: FinishReason | None,
         error: str | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
+        prompt_ids: tuple[int, ...] | None = None,
     ) -> TokenDelta:
         return TokenDelta(
             token_ids=token_ids,
@@ -127,4 +145,6 @@ class Generation:
             task_version=None if self.adapter is None else self.adapter.key,
             error=error,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            prompt_ids=prompt_ids,
         )

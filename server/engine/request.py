@@ -66,3 +66,6 @@ class TokenDelta:
     task_version: str | None = None  # the adapter key the row ran on, e.g. "summarise@3"
     error: str | None = None  # set with finish_reason "error"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    # in the first delta, when the request asked: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_ids: tuple[int, ...] | None = None  # in the first delta: the tokens the row was prefilled with (echo)

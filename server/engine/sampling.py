@@ -32,7 +32,7 @@ class SamplingParams:
     """What a request asks of token selection and stopping."""
 
     max_new_tokens: int = 128
-    """Upper bound on generated tokens, EOS and stop strings aside."""
+    """Upper bound on generated tokens, EOS and stop strings aside; 0 scores the prompt and generates nothing."""
     temperature: float = 0.0
     """Softmax temperature; 0 means greedy (argmax)."""
     top_p: float = 1.0
@@ -47,6 +47,8 @@ class SamplingParams:
     """Keep generating past EOS (benchmarks)."""
     logprobs: int | None = None
     """Return each sampled token's log-probability and this many most likely alternatives (0-20); None: no."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (from the prefill's logits); None: no."""
 
     def __post_init__(self) -> None:
         # Normalise a list of stops to a tuple so the params stay hashable; a bare str would
@@ -54,8 +56,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             raise ValueError("stop must be a sequence of strings, not a single str")
         object.__setattr__(self, "stop", tuple(self.stop))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN and infinities
             raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -64,8 +66,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < _SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:

@@ -139,7 +139,7 @@ def test_an_unknown_model_is_not_found(client, model):
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 100_000}, None),
         ({"stop": [""]}, None),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x " * 9000}, None),
     ],
@@ -150,6 +150,39 @@ def test_bad_parameters_are_bad_requests(client, params, param):
     assert caught.value.type == "invalid_request_error"
     if param is not None:
         assert caught.value.param == param
+
+
+@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_json"])
+def test_an_unknown_field_is_a_bad_request_naming_it(client, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x", max_tokens=2, extra_body={field: 1})
+    assert caught.value.param == field and caught.value.code == "unknown_parameter"
+    assert field in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=CHAT, max_tokens=2, extra_body={field: 1})
+    assert caught.value.param == field and caught.value.code == "unknown_parameter"
+
+
+def test_a_refused_field_passes_off_and_is_refused_on(client):
+    off = client.completions.create(model="base", prompt="x", max_tokens=2, best_of=1, suffix="")
+    assert off.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x", max_tokens=2, best_of=2)
+    assert caught.value.param == "best_of" and caught.value.code == "unsupported_parameter"
+    assert "n choices" in caught.value.message
+
+
+def test_an_unknown_field_inside_a_message_is_named(client):
+    message = {**CHAT[0], "tool_calls": []}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=[message], max_tokens=2)
+    assert caught.value.param == "messages.0.tool_calls" and caught.value.code == "unknown_parameter"
+
+
+def test_the_native_route_refuses_an_unknown_field(http):
+    response = http.post("/v1/tasks/base/generate", json={"prompt": "x", "max_new_tokens": 2, "min_p": 0.1})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("min_p: unknown parameter")
 
 
 def test_bad_chat_parameters_are_bad_requests(client):

@@ -238,9 +238,9 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
         generations[request.request_id] = submit(request, sink, lease)
         return generations[request.request_id]
 
-    def slow_forward(inputs):
+    def slow_forward(inputs, *rest):
         time.sleep(0.002)  # the long row cannot finish its 400 tokens before we leave
-        return forward(inputs)
+        return forward(inputs, *rest)
 
     engine.submit, engine.runner.forward = spy_submit, slow_forward
     engine.start()
@@ -314,11 +314,11 @@ def _poison(engine: Engine, fails) -> list[int]:
     """Make the forward raise whenever `fails(inputs)`; returns how many forwards ran."""
     forward, calls = engine.runner.forward, []
 
-    def faulty(inputs):
+    def faulty(inputs, *rest):
         calls.append(1)
         if fails(inputs):
             raise RuntimeError("injected fault")
-        return forward(inputs)
+        return forward(inputs, *rest)
 
     engine.runner.forward = faulty
     return calls
