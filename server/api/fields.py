@@ -26,6 +26,8 @@ MIN_TOP_P = 1e-8
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 MAX_TOP_K = 2**31 - 1
 MAX_LOGPROBS = 20  # alternatives per token, as in vLLM
+MAX_STOP_TOKENS = 64
+MAX_LOGIT_BIAS = 1024  # entries; each costs a little on every step of its row
 UNSUPPORTED_PARAMETER = "unsupported_parameter"  # the error type of a declared field given a value it cannot honour
 
 

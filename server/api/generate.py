@@ -48,6 +48,7 @@ async def generate(
         ignore_eos=body.ignore_eos,
         logprobs=body.top_logprobs if body.logprobs else None,
         prompt_logprobs=body.top_logprobs if body.prompt_logprobs else None,
+        **body.controls(),
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     deltas = await start_generation(

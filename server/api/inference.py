@@ -6,7 +6,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import anyio
@@ -63,7 +63,9 @@ async def start_generation(
             prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
             if fill_context:
                 room = room_for(engine, lease.adapter, prompt_ids)
-                sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
+                sampling = sampling_params(
+                    **{**asdict(sampling), "max_new_tokens": max(1, min(room, sampling.max_new_tokens))}
+                )
             deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
         except BaseException:
             lease.release()

@@ -84,6 +84,7 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scorin
         raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}")
     return sampling_params(
         **scoring,
+        **body.controls(),
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from server.api.fields import MAX_LOGPROBS, Temperature, Text, TopK, TopP, unsupported
+from server.api.schemas import SamplingControls
 
 FinishReason = Literal["stop", "length"]
 
@@ -19,9 +20,6 @@ FinishReason = Literal["stop", "length"]
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((None, 1), "ask for n choices instead (vLLM's V1 engine refuses best_of too)"),
     "suffix": ((None, ""), "inserting text needs a fill-in-the-middle model"),
-    "frequency_penalty": ((None, 0), "leave it out"),
-    "presence_penalty": ((None, 0), "leave it out"),
-    "logit_bias": ((None, {}), "leave it out"),
     "tools": ((None, []), "leave it out"),
     "tool_choice": ((None, "none"), "leave it out"),
     "response_format": ((None, {"type": "text"}), "only the text format is served"),
@@ -47,7 +45,7 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(Strict):
+class SamplingFields(Strict, SamplingControls):
     """What completions and chat share."""
 
     model: Text = Field(description="a task id; 'base' or the backbone's name for the backbone alone")
@@ -63,9 +61,6 @@ class SamplingFields(Strict):
     n: int = Field(default=1, description="only 1")
     ignore_eos: bool = Field(default=False, description="extension: keep generating past EOS (benchmarks)")
     user: str | None = Field(default=None, description="accepted and ignored")
-    frequency_penalty: Any = REFUSED_FIELD
-    presence_penalty: Any = REFUSED_FIELD
-    logit_bias: Any = REFUSED_FIELD
 
     @field_validator("n")
     @classmethod

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.fields import MAX_LOGPROBS, Seed, Temperature, Text, TopK, TopP, valid_unicode_tree
+from server.api.fields import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_TOKENS,
+    Seed,
+    Temperature,
+    Text,
+    TopK,
+    TopP,
+    valid_unicode_tree,
+)
 
 
 class Message(BaseModel):
@@ -16,7 +26,58 @@ class Message(BaseModel):
     content: Text
 
 
-class GenerateRequest(BaseModel):
+class SamplingControls(BaseModel):
+    """What both APIs take beyond temperature and top-k/top-p, under vLLM's names (OpenAI's for its own fields)."""
+
+    presence_penalty: float | None = Field(
+        default=None, ge=-2, le=2, allow_inf_nan=False, description="subtracted once from every generated token"
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, allow_inf_nan=False, description="subtracted per time a token was generated"
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=100, allow_inf_nan=False, description="divides seen tokens' logits; 1 = off"
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False, description="drop tokens under min_p × the top one's probability"
+    )
+    min_tokens: int = Field(default=0, ge=0, description="no EOS or stop token before this many tokens")
+    stop_token_ids: list[int] | None = Field(
+        default=None, max_length=MAX_STOP_TOKENS, description="tokens that end the output like EOS"
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
+    )
+    include_stop_str_in_output: bool = Field(default=False, description="keep the stop string or token in the text")
+    skip_special_tokens: bool = Field(default=True, description="leave special tokens out of the text")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
+    def controls(self) -> dict:
+        """These fields as `SamplingParams` keyword arguments; what is unset keeps the engine's default."""
+        values = {
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_p": self.min_p,
+        }
+        return {
+            **{k: v for k, v in values.items() if v is not None},
+            "min_tokens": self.min_tokens,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "logit_bias": tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+
+
+class GenerateRequest(SamplingControls):
     """Either `prompt` or `messages` (the backbone's chat template is applied, generation prompt added)."""
 
     model_config = ConfigDict(

@@ -139,7 +139,8 @@ class Engine:
         if self._stopping.is_set():
             raise EngineStopped("the engine has stopped")
         lease = lease or self.residency.acquire(request.task_id)
-        row = Generation(request, lease, sink, self.backbone.eos_token_ids, self.backbone.device)
+        g = self.backbone.geometry
+        row = Generation(request, lease, sink, self.backbone.eos_token_ids, self.backbone.device, vocab=g.vocab_size)
         try:
             self._validate(row)
             self.waiting.push(row)
@@ -187,9 +188,15 @@ class Engine:
         )
 
     def _detokenizer(self, request: GenerationRequest) -> IncrementalDetokenizer | None:
-        tokenizer = self.backbone.tokenizer
-        return (
-            None if tokenizer is None else IncrementalDetokenizer(tokenizer, request.prompt_ids, request.sampling.stop)
+        tokenizer, sampling = self.backbone.tokenizer, request.sampling
+        if tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            tokenizer,
+            request.prompt_ids,
+            sampling.stop,
+            skip_special_tokens=sampling.skip_special_tokens,
+            include_stop=sampling.include_stop_str_in_output,
         )
 
     def _validate(self, row: Generation) -> None:
@@ -199,6 +206,12 @@ class Engine:
         vocab = self.backbone.geometry.vocab_size
         if not all(0 <= t < vocab for t in row.prompt_ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
+        for name, ids in (
+            ("stop_token_ids", sampling.stop_token_ids),
+            ("logit_bias", (t for t, _ in sampling.logit_bias)),
+        ):
+            if not all(0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"{name}: token ids must lie in [0, {vocab})")
         asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
         if asked > allowed:
             raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
@@ -338,12 +351,16 @@ class Engine:
 def _with_text(
     deltas: Iterator[TokenDelta], row: Generation, detokenizer: IncrementalDetokenizer | None
 ) -> Iterator[TokenDelta]:
-    """Token deltas with their text; a stop string ends the stream (and cancels the row)."""
+    """Token deltas with their text; a stop string ends the stream (and cancels the row). The token that ends a
+    row (EOS, a stop token) shows no text unless the request includes what stopped it."""
     for delta in deltas:
         if detokenizer is None:
             yield delta
         else:
-            text = "".join(detokenizer.push(t) for t in delta.token_ids)
+            shown = delta.token_ids
+            if delta.finish_reason == "stop" and not detokenizer.include_stop:
+                shown = shown[:-1]
+            text = "".join(detokenizer.push(t) for t in shown)
             reason = "stop" if detokenizer.stopped else delta.finish_reason
             if reason is not None:
                 text += detokenizer.finish()

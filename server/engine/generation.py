@@ -17,7 +17,7 @@ import torch
 from server.engine.adapters import LoadedAdapter
 from server.engine.request import FinishReason, GenerationRequest, TokenDelta, TokenLogprob
 from server.engine.residency import Lease
-from server.engine.sampling import make_generator
+from server.engine.sampling import TokenHistory, make_generator
 
 Sink = Callable[[TokenDelta], None]
 _arrivals = itertools.count()  # submission order, for FIFO within a task
@@ -26,7 +26,9 @@ _arrivals = itertools.count()  # submission order, for FIFO within a task
 class Generation:
     """A request's engine-side state. Touched by the engine thread only, except `cancel`."""
 
-    def __init__(self, request: GenerationRequest, lease: Lease, sink: Sink, eos_ids: frozenset[int], device):
+    def __init__(
+        self, request: GenerationRequest, lease: Lease, sink: Sink, eos_ids: frozenset[int], device, vocab: int = 0
+    ):
         self.request = request
         self.arrival = next(_arrivals)
         self.lease = lease  # pins the task version on the device until this row ends
@@ -35,7 +37,14 @@ class Generation:
         self.sampling = request.sampling
         self.sink = sink
         self.generator = make_generator(request.sampling, device)
-        self.eos_ids = frozenset() if request.sampling.ignore_eos else eos_ids
+        eos = frozenset() if request.sampling.ignore_eos else eos_ids
+        self.end_ids = eos | frozenset(request.sampling.stop_token_ids)  # tokens that end the row ("stop")
+        # what logit adjustments read of the row's past (penalties, min_tokens, bias); None when it asks for none
+        self.history = (
+            TokenHistory(request.sampling, request.prompt_ids, self.end_ids, vocab, device)
+            if request.sampling.adjusts_logits
+            else None
+        )
         self.output_ids: list[int] = []
         self.prompt_logprobs: list[TokenLogprob] = []  # prompt tokens after the first, as prefill scores them
         self.computed = 0  # inputs whose KV is cached
@@ -108,8 +117,10 @@ class Generation:
         if self.sampling.max_new_tokens == 0:
             return self._delta([], "length", prompt_logprobs=self._scored_prompt(), prompt_ids=self.prompt_ids)
         self.output_ids.append(token)
+        if self.history is not None:
+            self.history.add(token)
         reason: FinishReason | None = None
-        if token in self.eos_ids:
+        if token in self.end_ids:
             reason = "stop"
         elif self.remaining <= 0:
             reason = "length"

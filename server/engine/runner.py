@@ -48,7 +48,7 @@ class ModelRunner:
         logits = self.forward(inputs, keep)  # [sampled + scored, vocab] fp32
         rows = inputs.sampled
         logits, score_logits = logits[: len(rows)], logits[len(rows) :]
-        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.history for r in rows])
         return RunnerOutput(
             rows=rows,
             tokens=tuple(tokens.tolist()),

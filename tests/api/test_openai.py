@@ -180,9 +180,9 @@ def test_an_unknown_field_inside_a_message_is_named(client):
 
 
 def test_the_native_route_refuses_an_unknown_field(http):
-    response = http.post("/v1/tasks/base/generate", json={"prompt": "x", "max_new_tokens": 2, "min_p": 0.1})
+    response = http.post("/v1/tasks/base/generate", json={"prompt": "x", "max_new_tokens": 2, "mirostat": 1})
     assert response.status_code == 400
-    assert response.json()["error"]["message"].startswith("min_p: unknown parameter")
+    assert response.json()["error"]["message"].startswith("mirostat: unknown parameter")
 
 
 def test_bad_chat_parameters_are_bad_requests(client):
