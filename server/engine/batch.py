@@ -63,8 +63,32 @@ class Batch:
             row.kv_slots = torch.empty(0, dtype=torch.long, device=self.pool.device)
         self.rows.append(row)
 
+    def fork(self, parent: Generation) -> list[Generation]:
+        """Join `parent`'s choices, now that its prompt is computed, sharing its prompt's KV: the blocks holding
+        all but its last input go to a shared entry that each choice reads from; each recomputes that last input
+        into blocks of its own (one input, so it has logits to sample from) and generates from there."""
+        children, parent.children = parent.children, []
+        if not children:
+            return []
+        borrowed = parent.prompt_inputs - 1  # inputs the children read from the parent
+        shared_blocks = self.pool.blocks_for(borrowed)
+        key = f"fork:{parent.request.request_id}"
+        self.pool.share(key, parent.blocks[:shared_blocks], users=1 + len(children))
+        parent.blocks = parent.blocks[shared_blocks:]
+        parent.shared_inputs, parent.fork_key = shared_blocks * self.pool.block_size, key
+        head = parent.kv_slots[: parent.prefix_len + borrowed]  # [prefix + borrowed]: adapter prefix, then prompt
+        for child in children:
+            if child.adapter is not None and child.adapter.prefix_kv is not None:
+                self.pool.acquire_prefix(child.adapter.key, child.adapter.prefix_kv)  # one more user of it
+            child.kv_slots = head.clone()
+            child.borrowed = child.shared_inputs = child.computed = borrowed
+            child.prompt_logprobs = list(parent.prompt_logprobs)
+            child.fork_key = key
+            self.rows.append(child)
+        return children
+
     def drop(self, row: Generation) -> None:
-        """Leave: the row's blocks go back to the pool."""
+        """Leave: the row's blocks go back to the pool, and its hold on what it shares."""
         self.rows.remove(row)
         if not self.rows:
             self._adapters = None  # nothing runs: nothing to keep gathered
@@ -72,6 +96,9 @@ class Batch:
         row.blocks = []
         if row.adapter is not None and row.adapter.prefix_kv is not None:
             self.pool.release_prefix(row.adapter.key)
+        if row.fork_key is not None:
+            self.pool.release_prefix(row.fork_key)
+            row.fork_key = None
         row.kv_slots = None
 
     @property
@@ -140,8 +167,8 @@ class Batch:
         )
 
     def _reserve(self, row: Generation, inputs: int) -> None:
-        """Enough own blocks for `inputs` computed inputs."""
-        missing = self.pool.blocks_for(inputs) - len(row.blocks)
+        """Enough own blocks for `inputs` computed inputs (past those whose slots lie in shared blocks)."""
+        missing = self.pool.blocks_for(inputs - row.shared_inputs) - len(row.blocks)
         if missing > 0:
             blocks, slots = self.pool.allocate(missing)
             row.blocks += blocks

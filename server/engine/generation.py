@@ -20,6 +20,20 @@ from server.engine.residency import Lease
 from server.engine.sampling import TokenHistory, make_generator
 
 Sink = Callable[[TokenDelta], None]
+
+
+def shared_leases(lease: Lease, holders: int) -> list[Lease]:
+    """`holders` leases standing for one: the task version stays pinned until the last of them is released."""
+    left = [holders]
+
+    def release() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            lease.release()
+
+    return [Lease(lease.adapter, _release=release) for _ in range(holders)]
+
+
 _arrivals = itertools.count()  # submission order, for FIFO within a task
 
 
@@ -52,6 +66,11 @@ class Generation:
         # the KV this row holds while it runs, kept by the Batch
         self.blocks: list[int] = []  # own KV blocks
         self.kv_slots: torch.Tensor | None = None  # [prefix + own capacity] long: the row's KV slots in order
+        # n > 1: the other choices, forked from this row once its prompt is computed (they share its prompt's KV)
+        self.children: list[Generation] = []
+        self.borrowed = 0  # leading inputs whose KV a forked row reads from its parent instead of reserving it
+        self.shared_inputs = 0  # leading inputs whose slots lie in shared blocks rather than this row's own
+        self.fork_key: str | None = None  # the shared blocks this row holds a reference to
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -87,8 +106,18 @@ class Generation:
 
     @property
     def kv_tokens(self) -> int:
-        """Own KV columns this row may hold at its longest (the prefix aside)."""
-        return self.prompt_inputs + self.sampling.max_new_tokens
+        """Own KV columns this row may hold at its longest (the prefix and what it borrows aside)."""
+        return self.prompt_inputs - self.borrowed + self.sampling.max_new_tokens
+
+    @property
+    def forks(self) -> int:
+        """Rows still to fork from this one."""
+        return len(self.children)
+
+    @property
+    def fork_kv_tokens(self) -> int:
+        """Own KV columns each of them may hold: it recomputes the prompt's last input, then generates."""
+        return 1 + self.sampling.max_new_tokens
 
     @property
     def remaining(self) -> int:
@@ -135,7 +164,11 @@ class Generation:
         return None if self.sampling.prompt_logprobs is None else [None, *self.prompt_logprobs]
 
     def end(self, reason: FinishReason, error: str | None = None) -> None:
-        """Close the stream without a token (cancelled, or a fault)."""
+        """Close the stream without a token (cancelled, or a fault), and those of the choices not forked yet."""
+        for child in self.children:
+            child.lease.release()
+            child.end(reason, error)
+        self.children = []
         self.sink(self._delta([], reason, error=error))
 
     def _delta(

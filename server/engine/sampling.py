@@ -25,7 +25,7 @@ MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
 MAX_REPETITION_PENALTY = 100.0  # past it a seen token's logit is as good as ruled out
 MAX_LOGIT_BIAS = 100.0
-_SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts unsigned 64-bit seeds
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts unsigned 64-bit seeds
 
 # Reads every row's temperature in C (map + attrgetter): an all-greedy batch, the hot path,
 # is recognised without running Python bytecode per row.
@@ -72,6 +72,8 @@ class SamplingParams:
     """Keep the stop string (or stop token's text) that ended the output in its text."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    n: int = 1
+    """Choices for this prompt: rows that share its prefill, each sampling its own tokens (seed + i for the i-th)."""
 
     def __post_init__(self) -> None:
         # Normalise a list of stops to a tuple so the params stay hashable; a bare str would
@@ -81,6 +83,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN and infinities
@@ -89,7 +93,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < _SEED_LIMIT:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import openai
 import pytest
-from live_server import INFERENCE_KEY
 
 from server.api.inference import room_for
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name one colour."}]
-
-
-@pytest.fixture(scope="module")
-def client(live) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=INFERENCE_KEY, max_retries=0, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

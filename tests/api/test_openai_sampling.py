@@ -3,20 +3,11 @@ the way vLLM's does, and bad values are 400s naming the field."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
-from live_server import INFERENCE_KEY
 
 PROMPT = "List the days of the week: Monday, Tuesday,"
 CHAT = [{"role": "user", "content": "Name one colour."}]
-
-
-@pytest.fixture(scope="module")
-def client(live) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=INFERENCE_KEY, max_retries=0, timeout=120) as client:
-        yield client
 
 
 def complete(client, **params) -> openai.types.Completion:

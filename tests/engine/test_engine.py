@@ -234,8 +234,8 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
     generations: dict[str, Generation] = {}
     submit, forward = engine.submit, engine.runner.forward
 
-    def spy_submit(request, sink, lease=None):
-        generations[request.request_id] = submit(request, sink, lease)
+    def spy_submit(request, sink, lease=None, choices=()):
+        generations[request.request_id] = submit(request, sink, lease, choices)
         return generations[request.request_id]
 
     def slow_forward(inputs, *rest):
@@ -449,8 +449,8 @@ async def test_dropping_an_unread_stream_cancels_the_row(make_engine):
     generations: list[Generation] = []
     submit = engine.submit
 
-    def spy_submit(request, sink, lease=None):
-        generations.append(submit(request, sink, lease))
+    def spy_submit(request, sink, lease=None, choices=()):
+        generations.append(submit(request, sink, lease, choices))
         return generations[-1]
 
     engine.submit = spy_submit
