@@ -123,7 +123,8 @@ def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None
     for exc_type, (status, kind) in STATUS.items():
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
-            return answer(request, status, kind, str(exc), retry_after=getattr(exc, "retry_after", 1))
+            retry_after = getattr(exc, "retry_after", 1)
+            return answer(request, status, kind, str(exc), param=getattr(exc, "param", None), retry_after=retry_after)
 
         app.add_exception_handler(exc_type, handler)
 

@@ -56,7 +56,7 @@ async def generate(
     )
     tokenizer = engine.backbone.tokenizer
     if body.stream:
-        return EventStream(_events(task_id, deltas, tokenizer), source=deltas)
+        return EventStream(_events(task_id, deltas, tokenizer), sources=[deltas])
     done = await unless_disconnected(request, collect(deltas))
     return GenerateResponse(
         task_id=task_id,

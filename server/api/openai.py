@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -23,9 +24,11 @@ from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
     SSE_EVENT,
     EventStream,
-    collect,
+    close_all,
+    collect_all,
+    merged,
     sampling_params,
-    start_generation,
+    start_choices,
     unless_disconnected,
 )
 from server.api.openai_schemas import (
@@ -95,12 +98,27 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scorin
     )
 
 
-async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, admission, **inputs):
+async def _start(
+    engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, admission, prompts: list[dict]
+) -> list[AsyncIterator[TokenDelta]]:
+    """Every choice of every prompt, in order (prompt-major); a refusal part-way closes what had started."""
+    most_n = min(engine.settings.max_n, engine.settings.max_batch_size)
+    if sampling.n > most_n:
+        raise InvalidRequest(f"n={sampling.n} exceeds this server's limit of {most_n} choices", param="n")
+    rows, most = len(prompts) * sampling.n, engine.settings.max_batch_size
+    if rows > most:
+        raise InvalidRequest(f"{len(prompts)} prompts × n={sampling.n} make {rows} rows; at most {most}", "prompt")
+    streams: list[AsyncIterator[TokenDelta]] = []
     try:
         task_id = task_for(engine, body.model)
-        return await start_generation(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
-    except UnknownTask:
-        raise _no_such_model(engine, body.model) from None
+        for inputs in prompts:
+            streams += await start_choices(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
+    except BaseException as exc:
+        await close_all(streams)
+        if isinstance(exc, UnknownTask):
+            raise _no_such_model(engine, body.model) from None
+        raise
+    return streams
 
 
 @dataclass(frozen=True)
@@ -110,25 +128,27 @@ class _Reply:
     id: str
     created: int
     model: str
+    n: int  # choices per prompt
 
     @classmethod
-    def new(cls, prefix: str, model: str) -> _Reply:
-        return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+    def new(cls, prefix: str, model: str, n: int) -> _Reply:
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model, n=n)
 
-
-def _usage(delta: TokenDelta) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=delta.prompt_tokens,
-        completion_tokens=delta.completion_tokens,
-        total_tokens=delta.prompt_tokens + delta.completion_tokens,
-    )
+    def usage(self, lasts: list[TokenDelta]) -> CompletionUsage:
+        """Each prompt counts once, however many choices share it; every choice's tokens count."""
+        prompt = sum(d.prompt_tokens for d in lasts[:: self.n])
+        completion = sum(d.completion_tokens for d in lasts)
+        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 @router.post("/completions", response_model=Completion, responses={200: STREAMED, **ERRORS})
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep, admission: AdmissionDep
 ):
-    """OpenAI text completion: `prompt` continued by the task `model`. With `stream`, server-sent events."""
+    """OpenAI text completion: each prompt continued by the task `model`, n times. With `stream`, server-sent
+    events."""
+    if body.max_tokens == 0 and body.n > 1:
+        raise InvalidRequest("max_tokens=0 scores the prompt once: n must be 1", param="n")
     limit = engine.settings.max_new_tokens
     sampling = _sampling(
         body,
@@ -136,25 +156,29 @@ async def completions(
         limit,
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
+        n=body.n,
     )
-    deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text)
-    reply = _Reply.new("cmpl", body.model)
-    pieces = _CompletionPieces(engine.backbone.tokenizer, body.echo, body.logprobs is not None)
+    streams = await _start(engine, body, sampling, metrics, admission, body.prompts)
+    reply = _Reply.new("cmpl", body.model, body.n)
+    pieces = [_CompletionPieces(engine.backbone.tokenizer, body.echo, body.logprobs is not None) for _ in streams]
     if body.stream:
-        return EventStream(_completion_events(reply, deltas, body.include_usage, pieces), source=deltas)
-    done = await unless_disconnected(request, collect(deltas))
-    prompt_text, prompt_scores = pieces.prompt(done.first)
-    text, scores = pieces.tokens(done.text, done.token_ids, done.logprobs)
-    choice = CompletionChoice(
-        text=prompt_text + text, finish_reason=done.last.finish_reason, logprobs=_joined(prompt_scores, scores)
-    )
+        return EventStream(_completion_events(reply, streams, body.include_usage, pieces), sources=streams)
+    dones = await unless_disconnected(request, collect_all(streams))
+    choices = []
+    for i, (done, piece) in enumerate(zip(dones, pieces)):
+        prompt_text, prompt_scores = piece.prompt(done.first)
+        text, scores = piece.tokens(done.text, done.token_ids, done.logprobs)
+        logprobs = _joined(prompt_scores, scores)
+        choices.append(
+            CompletionChoice(index=i, text=prompt_text + text, finish_reason=done.last.finish_reason, logprobs=logprobs)
+        )
     return Completion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[choice],
-        usage=_usage(done.last),
-        system_fingerprint=done.last.task_version,
+        choices=choices,
+        usage=reply.usage([d.last for d in dones]),
+        system_fingerprint=dones[0].last.task_version,
     )
 
 
@@ -164,28 +188,33 @@ async def chat_completions(
 ):
     """OpenAI chat completion: `messages` through the backbone's chat template, answered by the task `model`."""
     limit = engine.settings.max_new_tokens
-    sampling = _sampling(body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked)
-    messages = [m.native() for m in body.messages]
-    deltas = await _start(
-        engine, body, sampling, metrics, admission, messages=messages, fill_context=body.limit is None
+    sampling = _sampling(
+        body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked, n=body.n
     )
-    reply = _Reply.new("chatcmpl", body.model)
+    messages = [m.native() for m in body.messages]
+    prompts = [{"messages": messages, "fill_context": body.limit is None}]
+    streams = await _start(engine, body, sampling, metrics, admission, prompts)
+    reply = _Reply.new("chatcmpl", body.model, body.n)
     tokenizer = engine.backbone.tokenizer if body.logprobs else None
     if body.stream:
-        return EventStream(_chat_events(reply, deltas, body.include_usage, tokenizer), source=deltas)
-    done = await unless_disconnected(request, collect(deltas))
-    choice = ChatChoice(
-        message=AssistantMessage(content=done.text),
-        finish_reason=done.last.finish_reason,
-        logprobs=_chat_logprobs(tokenizer, done.logprobs),
-    )
+        return EventStream(_chat_events(reply, streams, body.include_usage, tokenizer), sources=streams)
+    dones = await unless_disconnected(request, collect_all(streams))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=done.text),
+            finish_reason=done.last.finish_reason,
+            logprobs=_chat_logprobs(tokenizer, done.logprobs),
+        )
+        for i, done in enumerate(dones)
+    ]
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[choice],
-        usage=_usage(done.last),
-        system_fingerprint=done.last.task_version,
+        choices=choices,
+        usage=reply.usage([d.last for d in dones]),
+        system_fingerprint=dones[0].last.task_version,
     )
 
 
@@ -266,62 +295,84 @@ def _failure(delta: TokenDelta) -> str | None:
 
 
 async def _completion_events(
-    reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool, pieces: _CompletionPieces
-):
-    def chunk(text: str, finish=None, usage=None, fingerprint=None, choices=True, logprobs=None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)
-        body = Completion(
+    reply: _Reply,
+    streams: list[AsyncIterator[TokenDelta]],
+    include_usage: bool,
+    pieces: list[_CompletionPieces],
+) -> AsyncIterator[str]:
+    def chunk(i: int, text: str, finish=None, fingerprint=None, logprobs=None) -> str:
+        choice = CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
+        return _sse(
+            Completion(
+                id=reply.id, created=reply.created, model=reply.model, choices=[choice], system_fingerprint=fingerprint
+            )
+        )
+
+    lasts: list[TokenDelta | None] = [None] * len(streams)
+    async with aclosing(merged(streams)) as arrivals:
+        async for i, delta in arrivals:
+            if (failure := _failure(delta)) is not None:
+                yield failure
+                break
+            piece, fingerprint = pieces[i], delta.task_version
+            if delta.prompt_ids is not None and piece.echo:
+                text, scores = piece.prompt(delta)
+                yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+            if delta.text or (delta.token_ids and piece.logprobs):
+                text, scores = piece.tokens(delta.text, delta.token_ids, delta.logprobs or [])
+                yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+            if delta.finish_reason is not None:
+                lasts[i] = delta
+                yield chunk(i, "", finish=delta.finish_reason, fingerprint=fingerprint)
+    if include_usage and all(lasts):
+        usage = Completion(
             id=reply.id,
             created=reply.created,
             model=reply.model,
-            choices=[choice] if choices else [],
-            usage=usage,
-            system_fingerprint=fingerprint,
+            choices=[],
+            usage=reply.usage(lasts),
+            system_fingerprint=lasts[0].task_version,
         )
-        return _sse(body)
-
-    async for delta in deltas:
-        if (failure := _failure(delta)) is not None:
-            yield failure
-            break
-        if delta.prompt_ids is not None and pieces.echo:
-            text, scores = pieces.prompt(delta)
-            yield chunk(text, fingerprint=delta.task_version, logprobs=scores)
-        if delta.text or (delta.token_ids and pieces.logprobs):
-            text, scores = pieces.tokens(delta.text, delta.token_ids, delta.logprobs or [])
-            yield chunk(text, fingerprint=delta.task_version, logprobs=scores)
-        if delta.finish_reason is not None:
-            yield chunk("", finish=delta.finish_reason, fingerprint=delta.task_version)
-            if include_usage:
-                yield chunk("", usage=_usage(delta), fingerprint=delta.task_version, choices=False)
+        yield _sse(usage)
     yield "data: [DONE]\n\n"
 
 
-async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool, tokenizer):
+async def _chat_events(
+    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, tokenizer
+) -> AsyncIterator[str]:
     """`tokenizer` is None unless the request asked for log-probabilities."""
 
-    def chunk(delta: ChatDelta | None, finish=None, usage=None, fingerprint=None, logprobs=None) -> str:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
-        body = ChatCompletionChunk(
+    def chunk(i: int, delta: ChatDelta, finish=None, fingerprint=None, logprobs=None) -> str:
+        choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return _sse(
+            ChatCompletionChunk(
+                id=reply.id, created=reply.created, model=reply.model, choices=[choice], system_fingerprint=fingerprint
+            )
+        )
+
+    for i in range(len(streams)):
+        yield chunk(i, ChatDelta(role="assistant", content=""))
+    lasts: list[TokenDelta | None] = [None] * len(streams)
+    async with aclosing(merged(streams)) as arrivals:
+        async for i, delta in arrivals:
+            if (failure := _failure(delta)) is not None:
+                yield failure
+                break
+            fingerprint = delta.task_version
+            if delta.text or (delta.token_ids and tokenizer is not None):
+                scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+                yield chunk(i, ChatDelta(content=delta.text), fingerprint=fingerprint, logprobs=scores)
+            if delta.finish_reason is not None:
+                lasts[i] = delta
+                yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=fingerprint)
+    if include_usage and all(lasts):
+        usage = ChatCompletionChunk(
             id=reply.id,
             created=reply.created,
             model=reply.model,
-            choices=[choice] if delta is not None else [],
-            usage=usage,
-            system_fingerprint=fingerprint,
+            choices=[],
+            usage=reply.usage(lasts),
+            system_fingerprint=lasts[0].task_version,
         )
-        return _sse(body)
-
-    yield chunk(ChatDelta(role="assistant", content=""))
-    async for delta in deltas:
-        if (failure := _failure(delta)) is not None:
-            yield failure
-            break
-        if delta.text or (delta.token_ids and tokenizer is not None):
-            scores = _chat_logprobs(tokenizer, delta.logprobs or [])
-            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.task_version, logprobs=scores)
-        if delta.finish_reason is not None:
-            yield chunk(ChatDelta(), finish=delta.finish_reason, fingerprint=delta.task_version)
-            if include_usage:
-                yield chunk(None, usage=_usage(delta), fingerprint=delta.task_version)
+        yield _sse(usage)
     yield "data: [DONE]\n\n"

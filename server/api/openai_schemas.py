@@ -58,16 +58,9 @@ class SamplingFields(Strict, SamplingControls):
     stop: Text | list[Text] | None = Field(default=None, description="up to 16 stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, description="only 1")
+    n: int = Field(default=1, ge=1, description="choices per prompt, up to the server's max_n; they share one prefill")
     ignore_eos: bool = Field(default=False, description="extension: keep generating past EOS (benchmarks)")
     user: str | None = Field(default=None, description="accepted and ignored")
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -85,7 +78,9 @@ class CompletionRequest(SamplingFields):
         json_schema_extra={"examples": [{"model": "base", "prompt": "Once upon a time", "max_tokens": 8}]},
     )
 
-    prompt: Text | list[Text] = Field(description="a string, or a list of exactly one string")
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
     echo: bool = Field(default=False, description="the prompt before the completion (with its log-probabilities)")
     max_tokens: int | None = Field(default=16, ge=0, description="default 16; 0 with echo scores the prompt")
     logprobs: int | None = Field(
@@ -103,14 +98,20 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("only one prompt per request: a string, or a list of one string")
+    def _some_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
+            raise ValueError("an empty list is no prompt")
         return prompt
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[dict]:
+        """Each prompt as `start_choices` takes it: `{"prompt": text}` or `{"prompt_ids": ids}`, in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [{"prompt": prompt}]
+        if isinstance(prompt[0], int):
+            return [{"prompt_ids": prompt}]
+        return [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompt]
 
 
 class ContentPart(Strict):

@@ -18,7 +18,11 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError, ValueError):
-    """The request cannot be served as asked (HTTP 400)."""
+    """The request cannot be served as asked (HTTP 400); `param` names the field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownTask(EngineError, KeyError):
