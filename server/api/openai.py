@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -133,6 +133,16 @@ class _Reply:
     @classmethod
     def new(cls, prefix: str, model: str, n: int) -> _Reply:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model, n=n)
+
+    def sse(self, body: type[Completion] | type[ChatCompletionChunk], choices: list, **fields) -> str:
+        """One event of a streamed response: `body` with these choices (and `usage`, `system_fingerprint`)."""
+        return _sse(body(id=self.id, created=self.created, model=self.model, choices=choices, **fields))
+
+    def ending(self, body, lasts: list[TokenDelta | None], include_usage: bool) -> Iterator[str]:
+        """The last events: the usage of every choice (once all have ended, if asked), then `[DONE]`."""
+        if include_usage and all(lasts):
+            yield self.sse(body, [], usage=self.usage(lasts), system_fingerprint=lasts[0].task_version)
+        yield "data: [DONE]\n\n"
 
     def usage(self, lasts: list[TokenDelta]) -> CompletionUsage:
         """Each prompt counts once, however many choices share it; every choice's tokens count."""
@@ -294,47 +304,47 @@ def _failure(delta: TokenDelta) -> str | None:
     return _sse(OpenAIError(error=detail))
 
 
-async def _completion_events(
+async def _events(
     reply: _Reply,
+    body: type[Completion] | type[ChatCompletionChunk],
     streams: list[AsyncIterator[TokenDelta]],
     include_usage: bool,
-    pieces: list[_CompletionPieces],
+    events_of: Callable[[int, TokenDelta], Iterator[str]],
 ) -> AsyncIterator[str]:
-    def chunk(i: int, text: str, finish=None, fingerprint=None, logprobs=None) -> str:
-        choice = CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
-        return _sse(
-            Completion(
-                id=reply.id, created=reply.created, model=reply.model, choices=[choice], system_fingerprint=fingerprint
-            )
-        )
-
+    """Each choice's deltas as they come, as `events_of(index, delta)` shows them; a failure ends the response."""
     lasts: list[TokenDelta | None] = [None] * len(streams)
     async with aclosing(merged(streams)) as arrivals:
         async for i, delta in arrivals:
             if (failure := _failure(delta)) is not None:
                 yield failure
                 break
-            piece, fingerprint = pieces[i], delta.task_version
-            if delta.prompt_ids is not None and piece.echo:
-                text, scores = piece.prompt(delta)
-                yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
-            if delta.text or (delta.token_ids and piece.logprobs):
-                text, scores = piece.tokens(delta.text, delta.token_ids, delta.logprobs or [])
-                yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+            for event in events_of(i, delta):
+                yield event
             if delta.finish_reason is not None:
                 lasts[i] = delta
-                yield chunk(i, "", finish=delta.finish_reason, fingerprint=fingerprint)
-    if include_usage and all(lasts):
-        usage = Completion(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=[],
-            usage=reply.usage(lasts),
-            system_fingerprint=lasts[0].task_version,
-        )
-        yield _sse(usage)
-    yield "data: [DONE]\n\n"
+    for event in reply.ending(body, lasts, include_usage):
+        yield event
+
+
+def _completion_events(
+    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, pieces: list[_CompletionPieces]
+) -> AsyncIterator[str]:
+    def chunk(i: int, text: str, finish=None, fingerprint=None, logprobs=None) -> str:
+        choice = CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
+        return reply.sse(Completion, [choice], system_fingerprint=fingerprint)
+
+    def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
+        piece, fingerprint = pieces[i], delta.task_version
+        if delta.prompt_ids is not None and piece.echo:
+            text, scores = piece.prompt(delta)
+            yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+        if delta.text or (delta.token_ids and piece.logprobs):
+            text, scores = piece.tokens(delta.text, delta.token_ids, delta.logprobs or [])
+            yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+        if delta.finish_reason is not None:
+            yield chunk(i, "", finish=delta.finish_reason, fingerprint=fingerprint)
+
+    return _events(reply, Completion, streams, include_usage, events_of)
 
 
 async def _chat_events(
@@ -344,35 +354,17 @@ async def _chat_events(
 
     def chunk(i: int, delta: ChatDelta, finish=None, fingerprint=None, logprobs=None) -> str:
         choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
-        return _sse(
-            ChatCompletionChunk(
-                id=reply.id, created=reply.created, model=reply.model, choices=[choice], system_fingerprint=fingerprint
-            )
-        )
+        return reply.sse(ChatCompletionChunk, [choice], system_fingerprint=fingerprint)
+
+    def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
+        if delta.text or (delta.token_ids and tokenizer is not None):
+            scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+            yield chunk(i, ChatDelta(content=delta.text), fingerprint=delta.task_version, logprobs=scores)
+        if delta.finish_reason is not None:
+            yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=delta.task_version)
 
     for i in range(len(streams)):
         yield chunk(i, ChatDelta(role="assistant", content=""))
-    lasts: list[TokenDelta | None] = [None] * len(streams)
-    async with aclosing(merged(streams)) as arrivals:
-        async for i, delta in arrivals:
-            if (failure := _failure(delta)) is not None:
-                yield failure
-                break
-            fingerprint = delta.task_version
-            if delta.text or (delta.token_ids and tokenizer is not None):
-                scores = _chat_logprobs(tokenizer, delta.logprobs or [])
-                yield chunk(i, ChatDelta(content=delta.text), fingerprint=fingerprint, logprobs=scores)
-            if delta.finish_reason is not None:
-                lasts[i] = delta
-                yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=fingerprint)
-    if include_usage and all(lasts):
-        usage = ChatCompletionChunk(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=[],
-            usage=reply.usage(lasts),
-            system_fingerprint=lasts[0].task_version,
-        )
-        yield _sse(usage)
-    yield "data: [DONE]\n\n"
+    async with aclosing(_events(reply, ChatCompletionChunk, streams, include_usage, events_of)) as events:
+        async for event in events:
+            yield event
