@@ -65,7 +65,7 @@ MAX_EXAMPLES = 64
 MAX_TEMPLATE_BYTES = 64 << 10
 
 _PICKLE_HINT = "pickle weights are never loaded; re-save with save_pretrained(..., safe_serialization=True)"
-_KEPT = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE}
+TASK_FILES = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE}
 
 
 class FormatError(ValueError):
@@ -138,7 +138,7 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
     dirs: dict[str, dict[str, bytes]] = {}
     for path, data in entries.items():
         folder, _, base = path.rpartition("/")
-        if base in _KEPT:
+        if base in TASK_FILES:
             dirs.setdefault(folder, {})[base] = data
     if not dirs:
         raise FormatError(
@@ -211,7 +211,7 @@ def _read_tar_gz(archive: bytes, max_bytes: int) -> dict[str, bytes]:
                     raise FormatError(f"archive member {member.name!r} is {what}; only regular files are accepted")
                 total += member.size
                 _check_size(member.name, member.size, total, max_bytes)
-                if path.rpartition("/")[2] not in _KEPT:
+                if path.rpartition("/")[2] not in TASK_FILES:
                     continue
                 extracted = tar.extractfile(member)
                 assert extracted is not None
@@ -245,7 +245,7 @@ def _read_zip(archive: bytes, max_bytes: int) -> dict[str, bytes]:
             actual = 0
             for info in infos:
                 path = _safe_path(info.filename)
-                if info.is_dir() or path.rpartition("/")[2] not in _KEPT:
+                if info.is_dir() or path.rpartition("/")[2] not in TASK_FILES:
                     continue
                 with zf.open(info) as member:
                     data = member.read(max_bytes - actual + 1)  # counted, whatever the header claims

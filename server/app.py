@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from adapters_store import open_store, redacted
-from server.api import console, docs, errors, generate, health, metrics, openai, stats, tasks
+from server.api import console, docs, errors, generate, health, lora_adapters, metrics, openai, stats, tasks
 from server.api.admission import Admission
 from server.api.auth import KeyRing
 from server.api.health import ProbeServer, Startup, StoreProbe
@@ -92,7 +92,7 @@ def create_app(
     errors.install(app, on_error=recorder.count_error)
     docs.install(app)
     # health and metrics are open (probes and scrapers carry no key); the other routers declare their access
-    for module in (health, metrics, generate, tasks, openai, stats):
+    for module in (health, metrics, generate, tasks, openai, lora_adapters, stats):
         app.include_router(module.router)
     if settings.console:
         console.install(app)
@@ -127,6 +127,10 @@ async def _start(
         closers.append(residency.close)
         engine = Engine(backbone, settings, residency).start()
         closers.append(engine.stop)
+        if settings.preload:
+            startup.enter(f"preloading {len(settings.preload)} tasks")
+            pinned = await asyncio.to_thread(lora_adapters.preload, engine, settings)
+            closers.append(lambda: lora_adapters.unpin(pinned))
         app.state.store_probe = probe = await StoreProbe(store).start()
         closers.append(probe.stop)
     except Exception as exc:

@@ -20,6 +20,7 @@ from server.engine.backbone import DEFAULT_MODEL, default_cache_dir
 Size = TypeAliasType("SIZE", ByteSize)
 Seconds = TypeAliasType("SECONDS", float)
 Keys = TypeAliasType("KEYS", Annotated[list[SecretStr], NoDecode])
+Entries = TypeAliasType("LIST", Annotated[list[str], NoDecode])
 
 DEFAULT_MODEL_CACHE = Path("~/.cache/taskserve/models")
 
@@ -101,11 +102,18 @@ class Settings(EngineSettings):
     """Admin keys, comma-separated: upload, roll back and delete tasks, and everything an inference key may do."""
     console: bool = True
     """Serve the web console at /console/ (and redirect / there); its data still needs a key when keys are set."""
+    adapter_roots: Entries = []
+    """Directories (comma-separated) under which POST /v1/load_lora_adapter may read a `lora_path` on this
+    server's disk; symlinks and `..` are resolved first, and nothing outside them is read. None: the route is 403."""
+    preload: Entries = []
+    """Tasks to load and pin on the device at start-up, comma-separated: task ids already in the store, or
+    `name=path` pairs (a PEFT directory on this server, stored as task `name` unless identical to its current
+    version). /ready answers 503 until they are loaded; one that fails to load fails start-up."""
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "adapter_roots", "preload", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        """`a,b` (env or flag) or a JSON list; blanks around keys and empty entries are dropped."""
+        """`a,b` (env or flag) or a JSON list; blanks around entries and empty entries are dropped."""
         if isinstance(value, str):
             text = value.strip()
             value = json.loads(text) if text.startswith("[") else text.split(",")

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from adapters_store import InvalidTaskId, StoreUnavailable, TaskNotFound, VersionNotFound
 from adapters_store.format import FormatError, UploadTooLarge
+from adapters_store.local import BadPath, PathRefused
 from server.api.fields import UNSUPPORTED_PARAMETER
 from server.engine.adapters import AdapterError
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownTask
@@ -50,9 +51,11 @@ class GenerationFailed(Exception):
 STATUS: dict[type[Exception], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request"),
     InvalidTaskId: (400, "invalid_request"),
+    BadPath: (400, "invalid_request"),
     json.JSONDecodeError: (400, "invalid_request"),
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
+    PathRefused: (403, "forbidden"),
     UnknownTask: (404, "unknown_task"),
     TaskNotFound: (404, "unknown_task"),
     VersionNotFound: (404, "unknown_version"),

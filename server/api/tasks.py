@@ -72,7 +72,7 @@ async def upload(
         parts = {f.filename or f"file{i}": await _read(f, settings.max_upload_bytes) for i, f in enumerate(files or [])}
         blob = await _read(archive, settings.max_upload_bytes) if archive is not None else None
         contents = read_upload(parts or None, blob, max_bytes=settings.max_upload_bytes)
-    current = await run_in_threadpool(_identical_current, engine, task_id, contents, description)
+    current = await run_in_threadpool(identical_current, engine, task_id, contents, description)
     if current is not None:
         response.status_code = 200
         return _version(current)
@@ -80,7 +80,7 @@ async def upload(
     return _version(info)
 
 
-def _identical_current(
+def identical_current(
     engine: Engine, task_id: str, contents: Mapping[str, bytes], description: str | None
 ) -> VersionInfo | None:
     """The task's current version if `contents` would store exactly it again (for this backbone), else None."""
