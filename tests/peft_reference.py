@@ -10,9 +10,9 @@ Everything here runs in-process on CPU and never touches the network:
   copy of the base model, then a cache-free greedy loop over ``PeftModel.forward`` (batch of one,
   no padding).  ``PeftModel.generate`` is deliberately NOT used: with peft 0.21.2 +
   transformers 5.x it silently drops prefix KV and re-injects soft prompts at every decode step
-  (see /work/shared/PEFT-SEMANTICS.md section 7.1).
+  (see docs/adapters.md, "Traps").
 
-See /work/shared/PEFT-SEMANTICS.md for how PEFT saves and applies each adapter kind.
+See docs/adapters.md for how PEFT saves and applies each adapter kind.
 """
 
 from __future__ import annotations

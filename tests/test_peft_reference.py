@@ -96,7 +96,7 @@ def test_eos_stops_and_is_included(models, adapter_root):
 
 
 def _prefix_cache(model, emb):
-    """PEFT-SEMANTICS section 2.2, built by hand: emb [nvt, L*2*kvH*hd] -> per-layer K/V
+    """docs/adapters.md "Prefix tuning", built by hand: emb [nvt, L*2*kvH*hd] -> per-layer K/V
     [1, kvH, nvt, hd], no RoPE, inserted raw into a fresh DynamicCache."""
     from transformers import DynamicCache
 

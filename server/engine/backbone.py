@@ -189,7 +189,7 @@ def _converted_default(cache_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader already dequantised every weight to fp32; dropping the quantizer makes it
-    # serialisable, losslessly (PEFT-SEMANTICS §7.2).
+    # serialisable, losslessly (docs/adapters.md, "Traps").
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -2,7 +2,7 @@
 
 PEFT saves `ia3_l` as `[out, 1]` for ordinary targets and `[1, in]` for
 feed-forward ones; the saved orientation must agree with the config's
-`feedforward_modules` (PEFT-SEMANTICS §6).
+`feedforward_modules` (docs/adapters.md, "IA³").
 """
 
 from __future__ import annotations

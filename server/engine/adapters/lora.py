@@ -3,7 +3,7 @@
 The module names and ranks come from the tensor keys and shapes; the config
 supplies `lora_alpha`, rsLoRA and the per-module `rank_pattern` /
 `alpha_pattern`. `fan_in_fan_out` changes nothing unmerged: A and B are plain
-linear maps whatever the base layout (PEFT-SEMANTICS §5).
+linear maps whatever the base layout (docs/adapters.md, "LoRA").
 """
 
 from __future__ import annotations
