@@ -2,7 +2,8 @@
 
 The mix is the one production traffic looks like on a shared backbone (and the one the engine's targets are
 set on): all-linear LoRA r=16, q/v LoRA r=8, rsLoRA r=16 on attention, prefix tuning with 16 virtual tokens
-and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³ — each saved by PEFT's own
+and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³, DoRA r=8 on q/v, LoRA r=8 with
+`lora_bias` on the MLP — each saved by PEFT's own
 `save_pretrained` with randomised (non-trivial) weights.
 """
 
@@ -35,6 +36,7 @@ __all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # kind -> (how peft_reference randomises it, its PEFT config)
 MIX = {
@@ -53,6 +55,11 @@ MIX = {
         PromptEncoderConfig(num_virtual_tokens=12, encoder_reparameterization_type="MLP", **CAUSAL),
     ),
     "ia3": ("ia3", IA3Config(**CAUSAL)),
+    "dora_qv_r8": (
+        "dora",
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, **CAUSAL),
+    ),
+    "lora_bias_mlp_r8": ("lora_bias", LoraConfig(r=8, lora_alpha=16, target_modules=MLP, lora_bias=True, **CAUSAL)),
 }
 
 SENTENCES = [

@@ -45,10 +45,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 __all__ = [
     "ALL_SERVED_KINDS",
     "REFUSED_KINDS",
+    "BIAS_KINDS",
     "PROMPT_LEARNING_KINDS",
     "LORA_KINDS",
     "tiny_llama",
     "tiny_gpt2",
+    "random_biases",
     "adapter_config",
     "make_adapter",
     "load_reference",
@@ -73,8 +75,12 @@ ALL_SERVED_KINDS: tuple[str, ...] = (
     "lora_rslora",
     "lora_pattern",
     "ia3",
+    "dora",
+    "lora_bias",
 )
-REFUSED_KINDS: tuple[str, ...] = ("dora", "lora_bias_all", "modules_to_save")
+# kinds that only differ from plain LoRA where the backbone's linear layers have biases (GPT-2, Qwen2)
+BIAS_KINDS: tuple[str, ...] = ("lora_bias_only", "lora_bias_all", "dora_bias")
+REFUSED_KINDS: tuple[str, ...] = ("modules_to_save",)
 
 PROMPT_LEARNING_KINDS: tuple[str, ...] = (
     "prompt",
@@ -84,12 +90,21 @@ PROMPT_LEARNING_KINDS: tuple[str, ...] = (
     "prefix",
     "prefix_proj",
 )
-LORA_KINDS: tuple[str, ...] = ("lora_qv", "lora_all", "lora_rslora", "lora_pattern")
+LORA_KINDS: tuple[str, ...] = ("lora_qv", "lora_all", "lora_rslora", "lora_pattern", "dora", "lora_bias")
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiny base models
 # ---------------------------------------------------------------------------------------------
+
+
+def random_biases(model, seed: int) -> None:
+    """Transformers initialises linear biases to zero, which would hide how a kind treats the backbone's biases."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and "ln" not in name and "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def _finish_model(model, name: str):
@@ -156,6 +171,7 @@ def tiny_gpt2(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    random_biases(model, seed)
     return _finish_model(model, "tiny-gpt2")
 
 
@@ -215,11 +231,22 @@ def adapter_config(model, kind: str):
         # target_modules / feedforward_modules left None -> PEFT's per-architecture defaults.
         return IA3Config(**ffo, **causal)
 
-    # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
+    # LoRA variants: DoRA, a bias on lora_B, trained base biases
+    mlp_targets = ["c_attn", "mlp.c_fc"] if gpt2 else ["q_proj", "v_proj", "up_proj", "down_proj"]
     if kind == "dora":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, use_dora=True, **ffo, **causal)
+        return LoraConfig(r=4, lora_alpha=8, target_modules=mlp_targets, use_dora=True, **ffo, **causal)
+    if kind == "dora_bias":
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=qv_targets, use_dora=True, bias="lora_only", **ffo, **causal
+        )
+    if kind == "lora_bias":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=mlp_targets, lora_bias=True, **ffo, **causal)
+    if kind == "lora_bias_only":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="lora_only", **ffo, **causal)
     if kind == "lora_bias_all":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="all", **ffo, **causal)
+
+    # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
     if kind == "modules_to_save":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal)
     raise ValueError(f"unknown adapter kind {kind!r}")
@@ -238,10 +265,12 @@ def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / r**0.5))
         elif name.endswith(".ia3_l.default") or ".ia3_l." in name:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif ".lora_magnitude_vector." in name:  # DoRA: already ||W|| per row; move it off the identity
+            p.mul_(torch.empty(p.shape).uniform_(0.7, 1.3, generator=gen))
         elif ".modules_to_save.default." in name:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        elif kind == "lora_bias_all" and name.endswith(".bias") and p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        elif kind in BIAS_KINDS and name.endswith(".bias") and p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathlib.Path:

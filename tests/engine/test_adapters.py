@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_llama
+from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_gpt2, tiny_llama
 
 from server.engine.adapters import AdapterError, Placement, load_adapter, read_peft_dir
 from server.engine.backbone import Backbone, Geometry
@@ -75,6 +75,24 @@ def _drop_config(name: str):
     return edit
 
 
+def _drop_tensors(key_part: str):
+    def edit(config, tensors):
+        for key in [k for k in tensors if key_part in k]:
+            del tensors[key]
+
+    return edit
+
+
+def _add_bias(module: str):
+    """A trained base bias (bias='lora_only') for a layer of the llama backbone, which has none."""
+
+    def edit(config, tensors):
+        config["bias"] = "lora_only"
+        tensors[f"base_model.model.model.layers.0.self_attn.{module}.base_layer.bias"] = torch.zeros(64)
+
+    return edit
+
+
 def _add_tensor(key: str):
     def edit(config, tensors):
         tensors[key] = torch.zeros(4)
@@ -106,11 +124,15 @@ def _unchanged(config, tensors):
 REFUSALS = [
     *[
         (f"refused-{kind}", kind, "base", _unchanged, [field])
-        for kind, field in zip(
-            REFUSED_KINDS, ("use_dora=True", "bias='all'", "modules_to_save=['lm_head']"), strict=True
-        )
+        for kind, field in zip(REFUSED_KINDS, ("modules_to_save=['lm_head']",), strict=True)
     ],
-    ("dora-magnitude-without-use_dora", "dora", "base", _set(use_dora=False), ["lora_magnitude_vector", "DoRA"]),
+    ("dora-magnitude-without-use_dora", "dora", "base", _set(use_dora=False), ["lora_magnitude_vector"]),
+    ("dora-without-magnitude", "dora", "base", _drop_tensors("lora_magnitude_vector"), ["lacks its lora_magnitude"]),
+    ("dora-with-lora_bias", "dora", "base", _set(lora_bias=True), ["use_dora", "lora_bias"]),
+    ("lora-bias-without-lora_bias", "lora_bias", "base", _set(lora_bias=False), ["lora_B.bias"]),
+    ("lora-without-lora_A", "lora_qv", "base", _drop_tensors("0.self_attn.q_proj.lora_A"), ["q_proj", "lora_A"]),
+    ("lora-bias-unknown", "lora_qv", "base", _set(bias="some"), ["bias='some'"]),
+    ("bias-on-a-layer-without-one", "lora_qv", "base", _add_bias("q_proj"), ["q_proj", "no bias to replace"]),
     ("unknown-peft-type", "lora_qv", "base", _set(peft_type="LOHA"), ["LOHA", *SERVED_TYPES]),
     ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
@@ -264,3 +286,12 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     for layer in range(layers):
         assert torch.equal(cache.layers[layer].keys[0], loaded.prefix_kv[layer, 0])
         assert torch.equal(cache.layers[layer].values[0], loaded.prefix_kv[layer, 1])
+
+
+def test_bias_all_on_gpt2_is_refused_for_its_layer_norm_biases(tmp_path):
+    model = tiny_gpt2()
+    config, tensors = read_peft_dir(make_adapter(model, "lora_bias_all", tmp_path / "bias_all"))
+    residency = Residency(Backbone(model, None, name="tiny-gpt2"))
+    with pytest.raises(AdapterError, match=r"ln_1.bias.*layer norms.*bias='lora_only'"):
+        residency.register("task", config, tensors)
+    assert residency.task_ids() == []

@@ -16,7 +16,6 @@ import torch
 
 from server.engine.adapters.base import (
     AdapterError,
-    Ia3Module,
     LoadedAdapter,
     Placement,
     check_finite,
@@ -57,7 +56,7 @@ class Ia3Kind:
         geometry: Geometry,
         placement: Placement,
     ) -> LoadedAdapter:
-        modules = {}
+        scale_in, scale_out = {}, {}
         for name, tensor in sorted(tensors.items()):
             module, _ = split_module_key(name, ("ia3_l",))
             check_finite(name, tensor)
@@ -72,10 +71,10 @@ class Ia3Kind:
                     f"tensor {name} has shape {list(tensor.shape)}, but {module} is {role} "
                     f"per feedforward_modules, so it must be {list(expected)}"
                 )
-            modules[module] = Ia3Module(vector=tensor.flatten().to(torch.float32), on_input=feedforward)
-        if not modules:
+            (scale_in if feedforward else scale_out)[module] = tensor.flatten().to(torch.float32)
+        if not scale_in and not scale_out:
             raise AdapterError("adapter_model.safetensors holds no ia3_l tensors")
-        return LoadedAdapter(key=key, kind="ia3", ia3=modules)
+        return LoadedAdapter(key=key, kind="ia3", scale_in=scale_in, scale_out=scale_out)
 
 
 register(Ia3Kind())
