@@ -32,7 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from peft import (  # noqa: E402
+    AdaLoraConfig,
     IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -77,6 +80,9 @@ ALL_SERVED_KINDS: tuple[str, ...] = (
     "ia3",
     "dora",
     "lora_bias",
+    "adalora",
+    "loha",
+    "lokr",
 )
 # kinds that only differ from plain LoRA where the backbone's linear layers have biases (GPT-2, Qwen2)
 BIAS_KINDS: tuple[str, ...] = ("lora_bias_only", "lora_bias_all", "dora_bias")
@@ -246,6 +252,14 @@ def adapter_config(model, kind: str):
     if kind == "lora_bias_all":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="all", **ffo, **causal)
 
+    # the LoRA family beyond LoRA (llama only: PEFT's LoHa and LoKr do not take GPT-2's Conv1D)
+    if kind == "adalora":  # make_adapter prunes ranks the way AdaLoRA's final mask would
+        return AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=8, target_modules=mlp_targets, **causal)
+    if kind == "loha":  # r*r = 16 < 64: folded to a rank-16 LoRA; down_proj's rank 8 (64) is stored dense
+        return LoHaConfig(r=4, alpha=8, target_modules=mlp_targets, rank_pattern={"down_proj": 8}, **causal)
+    if kind == "lokr":  # q_proj: w1 8x8 and w2 8x8 whole (dense); down_proj: w2 in halves of rank 2 (rank 16)
+        return LoKrConfig(r=4, alpha=8, target_modules=mlp_targets, rank_pattern={"down_proj": 2}, **causal)
+
     # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
     if kind == "modules_to_save":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal)
@@ -265,12 +279,28 @@ def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / r**0.5))
         elif name.endswith(".ia3_l.default") or ".ia3_l." in name:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif ".lora_E." in name:  # AdaLoRA's singular values (zero at init)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        elif ".hada_" in name:  # LoHa's factors (one of each pair zero at init)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+        elif ".lokr_" in name:  # LoKr's (the same)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
         elif ".lora_magnitude_vector." in name:  # DoRA: already ||W|| per row; move it off the identity
             p.mul_(torch.empty(p.shape).uniform_(0.7, 1.3, generator=gen))
         elif ".modules_to_save.default." in name:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
         elif kind in BIAS_KINDS and name.endswith(".bias") and p.requires_grad:
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def _prune_adalora(peft_model) -> None:
+    """A final AdaLoRA rank mask, as training leaves it: each module keeps some ranks, one keeps none."""
+    names = sorted(n for n, _ in peft_model.base_model.model.named_parameters() if ".lora_E." in n)
+    masks = {}
+    for i, name in enumerate(names):
+        init_r = peft_model.peft_config["default"].init_r
+        masks[name] = [False] * init_r if i == 1 else [(i + k) % 3 != 0 for k in range(init_r)]
+    peft_model.peft_config["default"].rank_pattern = masks
 
 
 def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathlib.Path:
@@ -291,6 +321,8 @@ def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathl
             pm = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(10_000 + seed)
     _randomise(pm, kind, gen)
+    if kind == "adalora":
+        _prune_adalora(pm)
     pm.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: skips PEFT's "was the vocab resized?" check, which would look the

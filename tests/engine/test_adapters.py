@@ -16,7 +16,7 @@ from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
-SERVED_TYPES = ("IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+SERVED_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,21 @@ REFUSALS = [
     ("lora-without-lora_A", "lora_qv", "base", _drop_tensors("0.self_attn.q_proj.lora_A"), ["q_proj", "lora_A"]),
     ("lora-bias-unknown", "lora_qv", "base", _set(bias="some"), ["bias='some'"]),
     ("bias-on-a-layer-without-one", "lora_qv", "base", _add_bias("q_proj"), ["q_proj", "no bias to replace"]),
-    ("unknown-peft-type", "lora_qv", "base", _set(peft_type="LOHA"), ["LOHA", *SERVED_TYPES]),
+    ("unknown-peft-type", "lora_qv", "base", _set(peft_type="BOFT"), ["BOFT", *SERVED_TYPES]),
+    ("adalora-without-E", "adalora", "base", _drop_tensors("0.self_attn.q_proj.lora_E"), ["q_proj", "lora_E"]),
+    ("adalora-mask-dropped", "adalora", "base", _set(rank_pattern={}), ["lora_A", "[6, 128]", "kept rank"]),
+    ("adalora-with-dora", "adalora", "base", _set(use_dora=True), ["use_dora=True", "AdaLoRA"]),
+    (
+        "loha-conv-tensor",
+        "loha",
+        "base",
+        _add_tensor("base_model.model.model.layers.0.mlp.up_proj.hada_t1"),
+        ["hada_t1"],
+    ),
+    ("loha-half-missing", "loha", "base", _drop_tensors("0.mlp.up_proj.hada_w2_b"), ["up_proj", "hada_w2_b"]),
+    ("loha-hidden-96", "loha", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
+    ("lokr-half-missing", "lokr", "base", _drop_tensors("0.mlp.down_proj.lokr_w2_b"), ["down_proj", "lokr_w2_b"]),
+    ("lokr-hidden-96", "lokr", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("lora-nan", "lora_qv", "base", _poison("lora_B", float("nan")), ["lora_B", "NaN or Inf"]),
@@ -184,9 +198,12 @@ def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, 
     assert residency.register("task", *read_peft_dir(adapters("lora_qv"))).key == "task@2"  # no version was used up
 
 
-def test_served_kinds_load(geometry, adapters):
-    for kind in ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3"):
-        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, CPU)
+def test_served_kinds_load(models, geometry, adapters):
+    backbone = Backbone(models["base"], None, name="tiny")
+    placement = Placement(CPU.device, CPU.dtype, base_linear=backbone.linear_weights)  # DoRA's norm reads W
+    kinds = ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3", "dora", "lora_bias")
+    for kind in (*kinds, "adalora", "loha", "lokr"):
+        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, placement)
         assert loaded.parameters > 0, kind
 
 

@@ -7,6 +7,7 @@ tensors once. Nothing from PEFT travels further into the engine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -151,6 +152,20 @@ def refuse_unless(raw: Mapping[str, Any], name: str, ok: Callable[[Any], bool], 
         raise AdapterError(f"adapter_config.json: {name}={raw[name]!r} is not supported; {advice}")
 
 
+def require_layer_task(raw: Mapping[str, Any]) -> None:
+    """Per-layer kinds apply to any causal LM whatever task_type says, but never to another task's model."""
+    if raw.get("task_type") not in (None, "CAUSAL_LM"):
+        raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
+
+
+def rank_and_alpha(raw: Mapping[str, Any], alpha_field: str) -> tuple[int, float]:
+    """`r` and its alpha (`lora_alpha`, or LyCORIS's `alpha`), with PEFT's defaults of 8."""
+    r, alpha = raw.get("r", 8), raw.get(alpha_field, 8)
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float):
+        raise AdapterError(f"adapter_config.json: r={r!r} and {alpha_field}={alpha!r} must be positive numbers")
+    return r, float(alpha)
+
+
 def is_empty(value: Any) -> bool:
     return value in (None, False, "", [], {}, "none")
 
@@ -183,3 +198,49 @@ def split_module_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
         f"tensor {key!r} is not one we serve (expected '{MODULE_PREFIX}<module>.' + one of {list(suffixes)}); "
         "modules_to_save copies and other extra tensors are not served"
     )
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key for `rank_pattern` / `alpha_pattern`: the first pattern matching a dotted suffix of
+    the module name wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def module_tensors(
+    tensors: Mapping[str, torch.Tensor], suffixes: tuple[str, ...], geometry: Geometry, what: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {suffix: tensor} for a per-layer kind; refuses unknown keys, NaN/Inf and non-linear targets."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in sorted(tensors.items()):
+        module, suffix = split_module_key(name, suffixes)
+        check_finite(name, tensor)
+        if module not in geometry.linear_modules:
+            raise AdapterError(f"{what} targets {module!r}, which is not a linear layer of this backbone")
+        parts.setdefault(module, {})[suffix] = tensor.to(torch.float32)  # PEFT runs adapters in fp32
+    if not parts:
+        raise AdapterError(f"adapter_model.safetensors holds no {what} tensors")
+    return parts
+
+
+def require_tensors(module: str, part: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in part]
+    if missing:
+        raise AdapterError(f"module {module!r} lacks {missing}")
+
+
+def low_rank(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) for the delta `b @ a` in the LoRA pool: as given, or dense when that is no larger.
+
+    b [out, k], a [k, in]. Once k reaches min(out, in) the factors are no cheaper than the delta itself, so the delta
+    is stored whole, as an identity times it (rank min(out, in)).
+    """
+    out_features, in_features = b.shape[0], a.shape[1]
+    if b.shape[1] < min(out_features, in_features):
+        return a, b
+    delta = b @ a  # [out, in]
+    if out_features <= in_features:
+        return delta, torch.eye(out_features)
+    return torch.eye(in_features), delta

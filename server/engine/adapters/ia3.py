@@ -22,6 +22,7 @@ from server.engine.adapters.base import (
     is_empty,
     refuse_unless,
     register,
+    require_layer_task,
     split_module_key,
 )
 from server.engine.backbone import Geometry
@@ -42,8 +43,7 @@ class Ia3Kind:
     peft_types = ("IA3",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> Ia3Config:
-        if raw.get("task_type") not in (None, "CAUSAL_LM"):
-            raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
+        require_layer_task(raw)
         refuse_unless(raw, "modules_to_save", is_empty, "full module copies are not served")
         ff = raw.get("feedforward_modules") or ()
         return Ia3Config(feedforward_modules=ff if isinstance(ff, str) else tuple(ff))

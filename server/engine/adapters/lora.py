@@ -14,7 +14,6 @@ replace the backbone's, i.e. add `saved - g * base` (docs/adapters.md, "LoRA var
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,14 +29,17 @@ from server.engine.adapters.base import (
     check_finite,
     check_shape,
     is_empty,
+    pattern_value,
+    rank_and_alpha,
     refuse_unless,
     register,
+    require_layer_task,
     split_module_key,
 )
 from server.engine.backbone import Geometry
 
 # fields whose non-default value changes inference in ways we do not serve
-_UNSERVED = {
+UNSERVED = {
     "modules_to_save": "full module copies are not served; retrain without modules_to_save",
     "trainable_token_indices": "trainable tokens are not served",
     "layer_replication": "layer replication is not served",
@@ -61,15 +63,8 @@ class LoraConfig:
     lora_bias: bool = False
     bias: str = "none"  # which base biases were trained and saved: "none", "lora_only" or "all"
 
-    def pattern_value(self, patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-        """PEFT's get_pattern_key: the first pattern matching a dotted suffix of the module name wins."""
-        for pattern, value in patterns.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                return value
-        return default
-
     def scaling(self, module: str, rank: int) -> float:
-        alpha = self.pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        alpha = pattern_value(self.alpha_pattern, module, self.lora_alpha)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -77,19 +72,16 @@ class LoraKind:
     peft_types = ("LORA",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> LoraConfig:
-        if raw.get("task_type") not in (None, "CAUSAL_LM"):
-            raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
-        for name, advice in _UNSERVED.items():
+        require_layer_task(raw)
+        for name, advice in UNSERVED.items():
             refuse_unless(raw, name, is_empty, advice)
         refuse_unless(raw, "bias", lambda v: v in ("none", "lora_only", "all"), "PEFT saves none, lora_only or all")
         if raw.get("use_dora") and raw.get("lora_bias"):
             raise AdapterError("adapter_config.json: use_dora with lora_bias=True is not a valid PEFT adapter")
-        r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float):
-            raise AdapterError(f"adapter_config.json: r={r!r} and lora_alpha={alpha!r} must be positive numbers")
+        r, alpha = rank_and_alpha(raw, "lora_alpha")
         return LoraConfig(
             r=r,
-            lora_alpha=float(alpha),
+            lora_alpha=alpha,
             use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
@@ -117,7 +109,7 @@ class LoraKind:
             if missing:
                 raise AdapterError(f"LoRA module {module!r} lacks {sorted(missing)}")
             a, b = part["lora_A.weight"], part["lora_B.weight"]
-            rank = config.pattern_value(config.rank_pattern, module, config.r)
+            rank = pattern_value(config.rank_pattern, module, config.r)
             check_shape(f"{module}.lora_A.weight", a, (rank, shape.in_features), "[r, in_features]")
             check_shape(f"{module}.lora_B.weight", b, (shape.out_features, rank), "[out_features, r]")
             # PEFT upcasts adapter weights to fp32 and runs the LoRA branch in fp32; host copies until pooled
