@@ -80,6 +80,7 @@ class AdapterStep:
     lora: dict[str, LoraStep]
     # side -> family -> [layers, tokens, width]: each token's vector (neutral where its row has none)
     vectors: dict[str, dict[str, torch.Tensor]]
+    key: tuple = ()  # (pool generation, backend, each span's slots and length): equal keys, equal step data
 
     @classmethod
     def build(
@@ -100,6 +101,11 @@ class AdapterStep:
             start += n
         if not placed:
             return None
+        # A decoding batch repeats its last step's layout: reuse that step whole (the slots objects are the pool's,
+        # replaced only by an install or a release, which bump the generation).
+        key = (pool.generation, backend, start, tuple((id(slots), s, n) for slots, s, n in placed))
+        if previous is not None and previous.key == key:
+            return previous
         total, device = start, pool.device
         lora = {}
         for family in sorted({f for slots, _, _ in placed for f in slots.lora}):
@@ -117,7 +123,7 @@ class AdapterStep:
                 table = pool.vectors[side][family].vectors
                 per_token[family] = table.index_select(1, torch.tensor(token_slots, device=device))
             vectors[side] = per_token
-        return cls(lora=lora, vectors=vectors)
+        return cls(lora=lora, vectors=vectors, key=key)
 
 
 def _lora_step(family, rows, total, device, backend: LoraBackendName, before: LoraStep | None) -> LoraStep:

@@ -173,6 +173,7 @@ class AdapterPool:
             self._shapes[family] = (layers, shape.in_features, shape.out_features)
         self.lora: dict[str, LoraFamily] = {}
         self.vectors: dict[str, dict[str, VectorFamily]] = {side: {} for side in VECTOR_SIDES}  # side -> family ->
+        self.generation = 0  # bumped by every install and release: a step's adapter data keys on it
         self._lock = threading.Lock()
 
     def install(self, adapter: LoadedAdapter) -> LoadedAdapter:
@@ -202,6 +203,7 @@ class AdapterPool:
                     table = self.vectors[side]
                     pooled = table.setdefault(family, VectorFamily(layers, width, self.device, NEUTRAL[side]))
                     getattr(slots, side)[family] = pooled.install(vectors)
+            self.generation += 1
         empty = {side: {} for side in VECTOR_SIDES}
         return replace(adapter, lora={}, **empty, slots=slots, pooled_bytes=adapter.nbytes)
 
@@ -215,6 +217,7 @@ class AdapterPool:
             for side in VECTOR_SIDES:
                 for family, slot in getattr(adapter.slots, side).items():
                     self.vectors[side][family].release(slot)
+            self.generation += 1
 
     @property
     def nbytes(self) -> int:
