@@ -93,7 +93,7 @@ class Residency:
         host_bytes: int = 4 << 30,
     ):
         self._backbone = backbone
-        self._placement = Placement(device=backbone.device, dtype=backbone.dtype)
+        self._placement = Placement(backbone.device, backbone.dtype, base_linear=backbone.linear_weights)
         self.pool = AdapterPool(backbone.geometry, backbone.device)  # where resident LoRA and IA³ weights live
         self.store = store if store is not None else MemoryStore()  # in-process tasks when no store is configured
         self.device_budget, self.host_budget = device_bytes, host_bytes

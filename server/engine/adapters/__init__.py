@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from server.engine.adapters import ia3, lora, prefix, prompt  # noqa: F401  (each registers its kind)
+from server.engine.adapters import adalora, ia3, lora, lycoris, prefix, prompt  # noqa: F401  (each registers its kind)
 from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
 from server.engine.backbone import Geometry
 
