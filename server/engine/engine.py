@@ -145,6 +145,7 @@ class Engine:
         n = request.sampling.n
         if len(choices) != n - 1:
             raise ValueError(f"n={n} choices need {n - 1} more sinks, got {len(choices)}")
+        self._check_ids(request)
         lease = lease or self.residency.acquire(request.task_id)
         leases = shared_leases(lease, n) if n > 1 else [lease]
         row = self._row(request, leases[0], sink)
@@ -228,19 +229,21 @@ class Engine:
             include_stop=sampling.include_stop_str_in_output,
         )
 
-    def _validate(self, row: Generation) -> None:
-        sampling, limit = row.sampling, self.backbone.geometry.context_length
-        if not row.prompt_ids:
+    def _check_ids(self, request: GenerationRequest) -> None:
+        """Every token id the request names lies in the vocabulary (checked before any tensor is indexed by one)."""
+        if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        vocab = self.backbone.geometry.vocab_size
-        if not all(0 <= t < vocab for t in row.prompt_ids):
-            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
+        vocab, sampling = self.backbone.geometry.vocab_size, request.sampling
         for name, ids in (
+            ("prompt", request.prompt_ids),
             ("stop_token_ids", sampling.stop_token_ids),
             ("logit_bias", (t for t, _ in sampling.logit_bias)),
         ):
             if not all(0 <= t < vocab for t in ids):
-                raise InvalidRequest(f"{name}: token ids must lie in [0, {vocab})")
+                raise InvalidRequest(f"{name}: token ids must lie in [0, {vocab})", param=name)
+
+    def _validate(self, row: Generation) -> None:
+        sampling, limit = row.sampling, self.backbone.geometry.context_length
         n, most = sampling.n, min(self.settings.max_n, self.settings.max_batch_size)
         if n > most:
             raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt")

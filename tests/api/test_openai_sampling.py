@@ -86,7 +86,8 @@ def test_min_tokens_and_special_tokens(client):
         ({"extra_body": {"min_p": 2}}, "min_p"),
         ({"extra_body": {"min_tokens": -1}}, "min_tokens"),
         ({"extra_body": {"min_tokens": 9}}, None),  # more than max_tokens
-        ({"extra_body": {"stop_token_ids": [10**9]}}, None),
+        ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids"),
+        ({"prompt": [10**9], "extra_body": {"repetition_penalty": 1.2}}, "prompt"),  # checked before any tensor
     ],
 )
 def test_bad_sampling_controls_are_bad_requests(client, params, param):
