@@ -44,24 +44,23 @@ class UnloadLoraAdapter(Strict):
 
 
 @router.post(
-    "/load_lora_adapter",
-    response_class=PlainTextResponse,
-    responses={**ANSWERS, **ERRORS, 403: {"model": OpenAIError}, 422: {"model": OpenAIError}},
+    "/load_lora_adapter", responses={**ANSWERS, **ERRORS, 403: {"model": OpenAIError}, 422: {"model": OpenAIError}}
 )
-async def load_lora_adapter(body: LoadLoraAdapter, engine: EngineDep, settings: SettingsDep) -> str:
+async def load_lora_adapter(body: LoadLoraAdapter, engine: EngineDep, settings: SettingsDep) -> PlainTextResponse:
     """Store the PEFT directory `lora_path` as the current version of the task `lora_name`."""
-    return await run_in_threadpool(load, engine, settings, body.lora_name, body.lora_path, replace=body.load_inplace)
+    done = await run_in_threadpool(load, engine, settings, body.lora_name, body.lora_path, replace=body.load_inplace)
+    return PlainTextResponse(done)
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse, responses={**ANSWERS, **ERRORS})
-async def unload_lora_adapter(body: UnloadLoraAdapter, engine: EngineDep) -> str:
+@router.post("/unload_lora_adapter", responses={**ANSWERS, **ERRORS, 403: {"model": OpenAIError}})
+async def unload_lora_adapter(body: UnloadLoraAdapter, engine: EngineDep) -> PlainTextResponse:
     """Delete the task `lora_name` (every version); rows running on it finish first."""
     _check_name(body.lora_name)
     try:
         await run_in_threadpool(engine.residency.delete, body.lora_name)
     except (TaskNotFound, UnknownTask):
         raise UnknownTask(f"the LoRA adapter {body.lora_name!r} is not loaded") from None
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 def load(engine: Engine, settings: Settings, name: str, path: str, *, replace: bool, roots=None) -> str:

@@ -43,7 +43,7 @@ async def test_event_stream_closes_its_source_when_the_client_leaves():
             await asyncio.sleep(1)  # a slow socket: the client leaves while an event is being written
 
     scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/", "headers": []}
-    await asyncio.wait_for(EventStream(body, source=deltas)(scope, receive, send), timeout=5)
+    await asyncio.wait_for(EventStream(body, sources=[deltas])(scope, receive, send), timeout=5)
     assert closed == ["source"]
     assert body.ag_frame is None  # the body iterator is finished too
 
@@ -95,9 +95,9 @@ def test_a_failed_generation_is_a_500_or_an_error_event_in_each_shape(open_clien
         async def deltas():
             yield TokenDelta([], "", finish_reason="error", error="the device fell over")
 
-        return deltas()
+        return [deltas()]
 
-    monkeypatch.setattr(open_client.app.state.engine, "generate", failing)
+    monkeypatch.setattr(open_client.app.state.engine, "generate_choices", failing)
     message = "generation failed: the device fell over"
     native = open_client.post("/v1/tasks/base/generate", json={"prompt": "x"})
     assert native.status_code == 500 and native.json() == {"error": {"type": "internal", "message": message}}
