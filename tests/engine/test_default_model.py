@@ -18,7 +18,7 @@ from server.engine.sampling import SamplingParams
 
 KINDS = (
     *("lora_qv", "lora_rslora", "prefix", "prompt", "ia3"),
-    *("dora", "lora_bias", "adalora", "loha", "lokr", "vera", "llama_adapter"),
+    *("dora", "lora_bias", "adalora", "loha", "lokr"),
 )
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 12
