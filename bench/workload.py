@@ -43,7 +43,7 @@ try:
 except ImportError:  # checkouts from before the engine moved to engine.py
     from server.engine.scheduler import Engine  # noqa: E402
 
-__all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
+__all__ = ["MIX", "MIXES", "REALISTIC", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -104,7 +104,22 @@ class Task:
     peft_type: str
 
 
-def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = tuple(MIX), seed: int = 0, prefix: str = "t"):
+# The load engine v2's targets are set on (one of each kind a team typically trains), and every kind served.
+REALISTIC = (
+    "lora_all_r16",
+    "lora_qv_r8",
+    "rslora_attn_r16",
+    "prefix_16",
+    "prefix_proj_10",
+    "prompt_8",
+    "prompt_20",
+    "ptuning_mlp_12",
+    "ia3",
+)
+MIXES = {"realistic": REALISTIC, "every": tuple(MIX)}
+
+
+def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = REALISTIC, seed: int = 0, prefix: str = "t"):
     """N distinct adapters cycling through `kinds` of MIX, saved with PEFT under `root` (kept: a later run with
     the same root reuses them)."""
     tasks = []

@@ -173,6 +173,20 @@ def test_decode_steps_reuse_the_gathered_weights_until_a_slot_changes(stack, gpu
     assert after.lora["layers.{}.down"].gathered is again.lora["layers.{}.down"].gathered
 
 
+def test_a_step_laid_out_like_the_last_reuses_it_until_the_pool_changes(stack):
+    _, pool, _, installed = stack
+    decode = [(installed[k], 1) for k in "abcd"]
+    first = AdapterStep.build(decode, pool, "auto")
+    assert AdapterStep.build(decode, pool, "auto", previous=first) is first
+    assert AdapterStep.build(decode[:3], pool, "auto", previous=first) is not first  # a row left
+    assert AdapterStep.build([(installed["a"], 2), *decode[1:]], pool, "auto", previous=first) is not first
+    late = pool.install(_lora("late@1", {"layers.0.up": 2}, seed=5, scaling=1.0))
+    rebuilt = AdapterStep.build(decode, pool, "auto", previous=first)
+    assert rebuilt is not first
+    pool.release(late)
+    assert AdapterStep.build(decode, pool, "auto", previous=rebuilt) is not rebuilt
+
+
 def test_each_adapter_is_held_once_and_slots_are_recycled(stack):
     model, pool, hooks, installed = stack
     x = torch.randn(1, 4, 16)

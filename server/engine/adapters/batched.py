@@ -95,6 +95,7 @@ class AdapterStep:
     vera: dict[str, tuple[VeraRun, ...]]  # family -> one run per pair of projections its rows use
     # LLaMA-Adapter: packed tokens start:end and their row's prompt per attention module
     adaption: tuple[tuple[int, int, dict[str, AdaptionModule]], ...] = ()
+    key: tuple = ()  # (pool generation, backend, each span's slots and length): equal keys, equal step data
 
     @classmethod
     def build(
@@ -117,6 +118,12 @@ class AdapterStep:
             start += n
         if not placed and not adaption:
             return None
+        # A decoding batch repeats its last step's layout: reuse that step whole (the slots objects are the pool's,
+        # replaced only by an install or a release, which bump the generation).
+        key = (pool.generation, backend, start, tuple((id(slots), s, n) for slots, s, n in placed))
+        key += (tuple((id(prompts), s, e) for s, e, prompts in adaption),)
+        if previous is not None and previous.key == key:
+            return previous
         total, device = start, pool.device
         lora = {}
         for family in sorted({f for slots, _, _ in placed for f in slots.lora}):
@@ -134,7 +141,8 @@ class AdapterStep:
                 table = pool.vectors[side][family].vectors
                 per_token[family] = table.index_select(1, torch.tensor(token_slots, device=device))
             vectors[side] = per_token
-        return cls(lora=lora, vectors=vectors, vera=_vera_runs(placed, pool, device), adaption=tuple(adaption))
+        vera = _vera_runs(placed, pool, device)
+        return cls(lora=lora, vectors=vectors, vera=vera, adaption=tuple(adaption), key=key)
 
 
 def _vera_runs(placed, pool: AdapterPool, device: torch.device) -> dict[str, tuple[VeraRun, ...]]:

@@ -178,6 +178,7 @@ class AdapterPool:
         self.vera_bases: dict[str, VeraBasis] = {}
         self._vera_users: dict[str, int] = {}
         self.vera: dict[tuple[str, str], VectorFamily] = {}
+        self.generation = 0  # bumped by every install and release: a step's adapter data keys on it
         self._lock = threading.Lock()
 
     def install(self, adapter: LoadedAdapter) -> LoadedAdapter:
@@ -208,6 +209,7 @@ class AdapterPool:
                     pooled = table.setdefault(family, VectorFamily(layers, width, self.device, NEUTRAL[side]))
                     getattr(slots, side)[family] = pooled.install(vectors)
             self._install_vera(adapter, slots)
+            self.generation += 1
         empty = {side: {} for side in VECTOR_SIDES}
         return replace(adapter, lora={}, vera={}, **empty, slots=slots, pooled_bytes=adapter.nbytes)
 
@@ -243,6 +245,7 @@ class AdapterPool:
                 if not self._vera_users[key]:  # its last user is gone: so are the projections and their tables
                     del self.vera_bases[key], self._vera_users[key]
                     self.vera = {k: table for k, table in self.vera.items() if k[1] != key}
+            self.generation += 1
 
     @property
     def nbytes(self) -> int:
