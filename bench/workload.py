@@ -3,8 +3,8 @@
 The mix is the one production traffic looks like on a shared backbone (and the one the engine's targets are
 set on): all-linear LoRA r=16, q/v LoRA r=8, rsLoRA r=16 on attention, prefix tuning with 16 virtual tokens
 and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³, DoRA r=8 on q/v, LoRA r=8 with
-`lora_bias` on the MLP, AdaLoRA (init r=12, pruned), LoHa and LoKr r=8 on q/v — each saved by PEFT's own
-`save_pretrained` with randomised (non-trivial) weights.
+`lora_bias` on the MLP, AdaLoRA (init r=12, pruned), LoHa and LoKr r=8 on q/v, VeRA r=256 on q/v, LLaMA-Adapter
+(10 prompts on the top 8 layers) — each saved by PEFT's own `save_pretrained` with randomised (non-trivial) weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if os.environ.get("TASKSERVE_TREE"):  # measure another checkout's engine (see r
 
 from peft import (  # noqa: E402
     AdaLoraConfig,
+    AdaptionPromptConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -33,6 +34,7 @@ from peft import (  # noqa: E402
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    VeraConfig,
 )
 from peft_reference import make_adapter  # noqa: E402
 
@@ -76,6 +78,8 @@ MIX = {
     ),
     "loha_qv_r8": ("loha", LoHaConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
     "lokr_qv_r8": ("lokr", LoKrConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
+    "vera_qv_r256": ("vera", VeraConfig(r=256, target_modules=QV, **CAUSAL)),
+    "llama_adapter_10x8": ("llama_adapter", AdaptionPromptConfig(adapter_len=10, adapter_layers=8, **CAUSAL)),
 }
 
 SENTENCES = [

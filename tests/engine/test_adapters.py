@@ -16,7 +16,10 @@ from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
-SERVED_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+SERVED_TYPES = (
+    *("ADALORA", "ADAPTION_PROMPT", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"),
+    "VERA",
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +150,14 @@ REFUSALS = [
     ("loha-half-missing", "loha", "base", _drop_tensors("0.mlp.up_proj.hada_w2_b"), ["up_proj", "hada_w2_b"]),
     ("loha-hidden-96", "loha", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("lokr-half-missing", "lokr", "base", _drop_tensors("0.mlp.down_proj.lokr_w2_b"), ["down_proj", "lokr_w2_b"]),
+    ("vera-without-projections", "vera", "base", _set(save_projection=False), ["save_projection=False"]),
+    ("vera-projections-dropped", "vera", "base", _drop_tensors("vera_A"), ["base_model.vera_A", "save_projection"]),
+    ("vera-vector-missing", "vera", "base", _drop_tensors("0.mlp.up_proj.vera_lambda_d"), ["up_proj", "lambda_d"]),
+    ("vera-hidden-96", "vera", "hidden96", _unchanged, ["down_proj.vera_lambda_b", "[96]", "[64]"]),
+    ("llama-adapter-wrong-layers", "llama_adapter", "base", _set(adapter_layers=2), ["adapter_layers=2", "[1]"]),
+    ("llama-adapter-3-layers", "llama_adapter", "layers3", _unchanged, ["layers.2.self_attn", "not an attention"]),
+    ("llama-adapter-no-gate", "llama_adapter", "base", _drop_tensors("adaption_gate"), ["adaption_gate"]),
+    ("llama-adapter-hidden-96", "llama_adapter", "hidden96", _unchanged, ["adaption_prompt", "[1, 4, 64]"]),
     ("lokr-hidden-96", "lokr", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
@@ -202,7 +213,7 @@ def test_served_kinds_load(models, geometry, adapters):
     backbone = Backbone(models["base"], None, name="tiny")
     placement = Placement(CPU.device, CPU.dtype, base_linear=backbone.linear_weights)  # DoRA's norm reads W
     kinds = ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3", "dora", "lora_bias")
-    for kind in (*kinds, "adalora", "loha", "lokr"):
+    for kind in (*kinds, "adalora", "loha", "lokr", "vera", "llama_adapter"):
         loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, placement)
         assert loaded.parameters > 0, kind
 
@@ -312,3 +323,12 @@ def test_bias_all_on_gpt2_is_refused_for_its_layer_norm_biases(tmp_path):
     with pytest.raises(AdapterError, match=r"ln_1.bias.*layer norms.*bias='lora_only'"):
         residency.register("task", config, tensors)
     assert residency.task_ids() == []
+
+
+def test_llama_adapter_on_gpt2_is_refused_as_served_for_the_llama_family():
+    config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 1}
+    tensors = {"base_model.model.transformer.h.1.attn.adaption_prompt": torch.zeros(1, 4, 64)}
+    tensors["base_model.model.transformer.h.1.attn.adaption_gate"] = torch.zeros(1)
+    residency = Residency(Backbone(tiny_gpt2(), None, name="tiny-gpt2"))
+    with pytest.raises(AdapterError, match=r"transformer.h.1.attn.*llama family"):
+        residency.register("task", config, tensors)

@@ -16,7 +16,10 @@ from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 
-KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3", "dora", "lora_bias", "adalora", "loha", "lokr")
+KINDS = (
+    *("lora_qv", "lora_rslora", "prefix", "prompt", "ia3"),
+    *("dora", "lora_bias", "adalora", "loha", "lokr"),
+)
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 12
 

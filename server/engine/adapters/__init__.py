@@ -11,7 +11,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from server.engine.adapters import adalora, ia3, lora, lycoris, prefix, prompt  # noqa: F401  (each registers its kind)
+from server.engine.adapters import (  # noqa: F401  (each registers its kind)
+    adalora,
+    adaption_prompt,
+    ia3,
+    lora,
+    lycoris,
+    prefix,
+    prompt,
+    vera,
+)
 from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
 from server.engine.backbone import Geometry
 
