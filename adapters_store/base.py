@@ -19,7 +19,8 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_TASK_IDS = frozenset({"base"})  # "base" names the bare backbone in requests
+BASE_TASK = "base"  # names the bare backbone in requests
+RESERVED_TASK_IDS = frozenset({BASE_TASK})
 # Stored file names follow the task-id rule too: no path separators, no hidden files.
 FILE_NAME = TASK_ID
 META_FILE = "meta.json"  # reserved: the disk backend keeps a version's VersionInfo there
@@ -94,6 +95,26 @@ def content_sha256(files: Mapping[str, bytes]) -> str:
     return outer.hexdigest()
 
 
+@dataclass(frozen=True, order=True, slots=True)
+class AdapterKey:
+    """The identity of one task version: what every cache keys on. Versions are immutable, so a key names
+    exactly one set of weights, and a new upload gets a new key."""
+
+    task_id: str
+    version: int
+
+    def __str__(self) -> str:  # logs, and the `task@version` a response reports
+        return f"{self.task_id}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterKey:
+        """`task@version` as a user writes it (query strings); raises ValueError otherwise."""
+        task_id, _, number = text.rpartition("@")
+        if not task_id or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{text!r} is not task@version")
+        return cls(task_id, int(number))
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One immutable version of a task. `(task_id, version)` is never reused, even after a delete."""
@@ -107,6 +128,10 @@ class VersionInfo:
     created_at: float  # unix seconds
     backbone: str  # fingerprint of the backbone the server validated this version against
     description: str | None = None
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.task_id, self.version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

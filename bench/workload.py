@@ -25,13 +25,14 @@ if os.environ.get("TASKSERVE_TREE"):  # measure another checkout's engine (see r
 
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: E402
 from peft_reference import make_adapter  # noqa: E402
+from serving import serve  # noqa: E402,F401  (re-exported: benches upload through the task layer)
 
 try:
     from server.engine.engine import Engine  # noqa: E402
 except ImportError:  # checkouts from before the engine moved to engine.py
     from server.engine.scheduler import Engine  # noqa: E402
 
-__all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
+__all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "serve", "without"]
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

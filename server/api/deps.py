@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: the engine, settings and metrics the app was built with."""
+"""Dependencies the routes declare: the engine, the task layer, settings and metrics the app was built with."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import EngineStopped
+from server.tasks import TaskService
 
 
 def get_engine(request: Request) -> Engine:
@@ -18,6 +19,13 @@ def get_engine(request: Request) -> Engine:
     if engine is None:
         raise EngineStopped("the model is still loading")
     return engine
+
+
+def get_tasks(request: Request) -> TaskService:
+    tasks = getattr(request.app.state, "tasks", None)
+    if tasks is None:
+        raise EngineStopped("the task store is still opening")
+    return tasks
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,6 +41,7 @@ def get_admission(request: Request) -> Admission:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+TasksDep = Annotated[TaskService, Depends(get_tasks)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]

@@ -23,6 +23,7 @@ from adapters_store.format import FormatError, UploadTooLarge
 from server.engine.adapters import AdapterError
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownTask
 from server.engine.residency import ResidencyFull
+from server.tasks import ModelLoading
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     QueueFull: (429, "queue_full"),
     GenerationFailed: (500, "internal"),
     EngineStopped: (503, "unavailable"),
+    ModelLoading: (503, "unavailable"),
     ResidencyFull: (503, "unavailable"),
     StoreUnavailable: (503, "store_unavailable"),
 }

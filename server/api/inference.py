@@ -56,7 +56,7 @@ async def start_generation(
     started = time.perf_counter()
     ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
     try:
-        lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+        lease = await engine.lease(task_id)  # resolves and loads the task off the event loop if needed
         if metrics is not None and lease.adapter is not None:
             metrics.last_use.touch(task_id)
         try:
@@ -194,7 +194,7 @@ async def collect(deltas: AsyncIterator[TokenDelta]) -> Completed:
 
 
 def task_version(delta: TokenDelta) -> int | None:
-    return None if delta.task_version is None else int(delta.task_version.rsplit("@", 1)[1])
+    return None if delta.task_version is None else delta.task_version.version
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import TASK_ID
+from adapters_store import TASK_ID, TaskNotFound
 from server.api.auth import AuthorizedRoute, InferenceAccess
-from server.api.deps import AdmissionDep, EngineDep, MetricsDep
+from server.api.deps import AdmissionDep, EngineDep, MetricsDep, TasksDep
 from server.api.inference import (
     SSE_EVENT,
     EventStream,
@@ -94,7 +94,7 @@ async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams,
     try:
         task_id = task_for(engine, body.model)
         return await start_generation(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
-    except UnknownTask:
+    except (UnknownTask, TaskNotFound):
         raise _no_such_model(engine, body.model) from None
 
 
@@ -137,7 +137,7 @@ async def completions(
         model=reply.model,
         choices=[CompletionChoice(text=done.text, finish_reason=done.last.finish_reason)],
         usage=_usage(done.last),
-        system_fingerprint=done.last.task_version,
+        system_fingerprint=done.last.fingerprint,
     )
 
 
@@ -162,26 +162,26 @@ async def chat_completions(
         model=reply.model,
         choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.last.finish_reason)],
         usage=_usage(done.last),
-        system_fingerprint=done.last.task_version,
+        system_fingerprint=done.last.fingerprint,
     )
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
-async def list_models(request: Request, engine: EngineDep):
+async def list_models(request: Request, engine: EngineDep, tasks: TasksDep):
     """The backbone, then every task, in id order."""
-    tasks = await run_in_threadpool(lambda: list(engine.residency.store.iter_tasks()))
+    found = await run_in_threadpool(lambda: list(tasks.iter_tasks()))
     base = Model(id=engine.backbone.name, created=request.app.state.started_at)
-    return ModelList(data=[base, *(Model(id=t.task_id, created=int(t.current.created_at)) for t in tasks)])
+    return ModelList(data=[base, *(Model(id=t.task_id, created=int(t.current.created_at)) for t in found)])
 
 
 @router.get("/models/{model:path}", response_model=Model, responses=ERRORS)
-async def get_model(model: str, request: Request, engine: EngineDep):
+async def get_model(model: str, request: Request, engine: EngineDep, tasks: TasksDep):
     """One model: the backbone, or a task (404 `model_not_found` otherwise)."""
     task_id = task_for(engine, model)
     if task_id == BASE_TASK:
         return Model(id=model, created=request.app.state.started_at)
     try:
-        info = await run_in_threadpool(engine.residency.store.info, task_id)
+        info = await run_in_threadpool(tasks.info, task_id)
     except KeyError:  # TaskNotFound
         raise _no_such_model(engine, model) from None
     return Model(id=model, created=int(info.current_info.created_at))
@@ -218,11 +218,11 @@ async def _completion_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], i
             yield failure
             break
         if delta.text:
-            yield chunk(delta.text, fingerprint=delta.task_version)
+            yield chunk(delta.text, fingerprint=delta.fingerprint)
         if delta.finish_reason is not None:
-            yield chunk("", finish=delta.finish_reason, fingerprint=delta.task_version)
+            yield chunk("", finish=delta.finish_reason, fingerprint=delta.fingerprint)
             if include_usage:
-                yield chunk("", usage=_usage(delta), fingerprint=delta.task_version, choices=False)
+                yield chunk("", usage=_usage(delta), fingerprint=delta.fingerprint, choices=False)
     yield "data: [DONE]\n\n"
 
 
@@ -244,9 +244,9 @@ async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include
             yield failure
             break
         if delta.text:
-            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.task_version)
+            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.fingerprint)
         if delta.finish_reason is not None:
-            yield chunk(ChatDelta(), finish=delta.finish_reason, fingerprint=delta.task_version)
+            yield chunk(ChatDelta(), finish=delta.finish_reason, fingerprint=delta.fingerprint)
             if include_usage:
-                yield chunk(None, usage=_usage(delta), fingerprint=delta.task_version)
+                yield chunk(None, usage=_usage(delta), fingerprint=delta.fingerprint)
     yield "data: [DONE]\n\n"

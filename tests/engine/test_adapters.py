@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_llama
+from serving import files_of, peft_files, serve, tasks_of
 
+from adapters_store import AdapterKey
+from adapters_store.format import FormatError
 from server.engine.adapters import AdapterError, Placement, load_adapter, read_peft_dir
 from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
@@ -148,23 +151,24 @@ def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, 
     config, tensors = read_peft_dir(adapters(kind, made_on))
     edit(config, tensors)
     residency = Residency(Backbone(models["base"], None, name="tiny"))
-    served = residency.register("task", *read_peft_dir(adapters("lora_qv")))
+    served = serve(residency, "task", adapters("lora_qv"))
 
-    with pytest.raises(AdapterError) as refused:
-        residency.register("task", config, tensors)
+    with pytest.raises((AdapterError, FormatError)) as refused:  # the engine's checks, or the file format's
+        serve(residency, "task", files_of(config, tensors))
     for word in words:
         assert word in str(refused.value)
-    with pytest.raises(AdapterError):
-        residency.register("other", config, tensors)
+    with pytest.raises((AdapterError, FormatError)):
+        serve(residency, "other", files_of(config, tensors))
 
-    assert residency.task_ids() == ["task"]
-    assert residency.get("task") is served  # the previous version is still the one served
-    assert residency.register("task", *read_peft_dir(adapters("lora_qv"))).key == "task@2"  # no version was used up
+    assert [t.task_id for t in residency.store.iter_tasks()] == ["task"]
+    assert residency.get(AdapterKey("task", 1)) is served  # the previous version is still the one served
+    again, _ = tasks_of(residency).upload("task", peft_files(adapters("lora_qv")), description="again")
+    assert again.version == 2  # no version was used up
 
 
 def test_served_kinds_load(geometry, adapters):
     for kind in ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3"):
-        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, CPU)
+        loaded = load_adapter(AdapterKey("t", 1), *read_peft_dir(adapters(kind)), geometry, CPU)
         assert loaded.parameters > 0, kind
 
 
@@ -232,7 +236,7 @@ def test_broken_files_are_refused(tmp_path, adapters):
 )
 def test_lora_scaling(geometry, models, adapters, kind, patch, expected):
     config, tensors = read_peft_dir(adapters(kind))
-    loaded = load_adapter("t@1", {**config, **patch}, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), {**config, **patch}, tensors, geometry, CPU)
     assert sorted(loaded.lora) == sorted(f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in expected)
     for name, module in loaded.lora.items():
         assert module.scaling == pytest.approx(expected[name.rsplit(".", 1)[1]], rel=1e-12), name
@@ -250,7 +254,7 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     model = models["layers3"]  # 3 layers, 4 query heads over 2 KV heads: layout bugs cannot hide
     geometry = Backbone(model, None, name="tiny3").geometry
     config, tensors = read_peft_dir(adapters("prefix", "layers3"))
-    loaded = load_adapter("t@1", config, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), config, tensors, geometry, CPU)
     flat = tensors["prompt_embeddings"]
     layers, kv_heads, head_dim, nvt = 3, 2, 16, config["num_virtual_tokens"]
     assert loaded.prefix_kv.shape == (layers, 2, kv_heads, nvt, head_dim)
