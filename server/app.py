@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from adapters_store import open_store, redacted
-from server.api import console, docs, errors, generate, health, metrics, openai, stats, tasks
+from server.api import admin, console, docs, errors, generate, health, metrics, openai, stats, tasks
 from server.api.admission import Admission
 from server.api.auth import KeyRing
 from server.api.health import ProbeServer, Startup, StoreProbe
@@ -29,6 +29,7 @@ from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.residency import Residency
 from server.tasks import TaskService
+from server.tenants import Tenants
 
 log = logging.getLogger("taskserve")
 
@@ -77,6 +78,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = None
     app.state.tasks = None
+    app.state.tenants = None
     app.state.startup = Startup()
     app.state.keys = keys
     app.state.metrics = recorder
@@ -94,7 +96,7 @@ def create_app(
     errors.install(app, on_error=recorder.count_error)
     docs.install(app)
     # health and metrics are open (probes and scrapers carry no key); the other routers declare their access
-    for module in (health, metrics, generate, tasks, openai, stats):
+    for module in (health, metrics, generate, tasks, openai, stats, admin):
         app.include_router(module.router)
     if settings.console:
         console.install(app)
@@ -116,6 +118,7 @@ async def _start(
         closers.append(store.close)
         tasks = TaskService(store)
         closers.append(tasks.close)
+        app.state.tenants = Tenants(store)  # tenants' keys work from here on
         app.state.tasks = tasks  # task reads answer from here on, while the model loads
         app.state.store_probe = probe = await StoreProbe(store).start()
         closers.append(probe.stop)

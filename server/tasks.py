@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from adapters_store import (
@@ -24,7 +24,7 @@ from adapters_store import (
     TaskSummary,
     VersionInfo,
 )
-from adapters_store.base import BASE_TASK, content_sha256, validate_task_id
+from adapters_store.base import BASE_TASK, MAX_PAGE, content_sha256, validate_task_id
 from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_KIND, inspect_peft, parse_template
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,26 @@ class TaskService:
 
     def page(self, *, after: str | None = None, limit: int = 100) -> Page:
         return self.store.list(after=after, limit=limit)
+
+    def page_within(
+        self, namespace: str, grants: Iterable[str] = (), *, after: str | None = None, limit: int = 100
+    ) -> Page:
+        """A page of a tenant's view: the tasks in `namespace` and the granted ones, in id order."""
+        prefix, after = namespace + "/", after or ""
+        found: list[TaskSummary] = []
+        cursor: str | None = max(after, prefix)
+        while cursor is not None and len(found) <= limit:  # the namespace is one contiguous range of ids
+            page = self.store.list(after=cursor, limit=min(MAX_PAGE, limit + 1))
+            inside = [t for t in page.tasks if t.task_id.startswith(prefix)]
+            found += inside
+            cursor = page.next_after if len(inside) == len(page.tasks) else None
+        for task_id in sorted(g for g in set(grants) if g > after and not g.startswith(prefix)):
+            try:
+                found.append(TaskSummary(task_id, self.store.info(task_id).current_info))
+            except TaskNotFound:
+                continue  # a grant outlives the task it names
+        found.sort(key=lambda t: t.task_id)
+        return Page(tuple(found[:limit]), found[limit - 1].task_id if len(found) > limit else None)
 
     def iter_tasks(self) -> Iterator[TaskSummary]:
         return self.store.iter_tasks()

@@ -156,7 +156,7 @@ async def session(
     )
 
 
-@api.get("/tasks/{task_id}/versions/{version}/config")
+@api.get("/tasks/{task_id:path}/versions/{version}/config")
 async def version_config(task_id: str, version: Annotated[int, PathParam(ge=1)], tasks: TasksDep) -> dict:
     """The version's adapter_config.json or template.json, as stored."""
     artifact = await run_in_threadpool(tasks.files, AdapterKey(task_id, version))

@@ -12,6 +12,7 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import EngineStopped
 from server.tasks import TaskService
+from server.tenants import Tenants
 
 
 def get_engine(request: Request) -> Engine:
@@ -28,6 +29,13 @@ def get_tasks(request: Request) -> TaskService:
     return tasks
 
 
+def get_tenants(request: Request) -> Tenants:
+    tenants = getattr(request.app.state, "tenants", None)
+    if tenants is None:
+        raise EngineStopped("the task store is still opening")
+    return tenants
+
+
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -42,6 +50,7 @@ def get_admission(request: Request) -> Admission:
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
+TenantsDep = Annotated[Tenants, Depends(get_tenants)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]

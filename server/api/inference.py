@@ -16,14 +16,17 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from adapters_store import TaskNotFound
 from server.api.admission import Admission, Ticket
 from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
+from server.api.quotas import Spend
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
 from server.engine.sampling import SamplingParams
+from server.tenants import Caller
 
 T = TypeVar("T")
 
@@ -46,6 +49,7 @@ async def start_generation(
     fill_context: bool = False,
     metrics: Metrics | None = None,
     admission: Admission | None = None,
+    caller: Caller | None = None,
 ) -> AsyncIterator[TokenDelta]:
     """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
     is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop.
@@ -54,7 +58,15 @@ async def start_generation(
     is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
-    ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
+    if caller is not None and not caller.sees(task_id):
+        raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
+    spend = admission.quotas.admit(caller) if admission is not None and caller is not None else None
+    try:
+        ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
+    except BaseException:
+        if spend is not None:
+            spend.release()
+        raise
     try:
         lease = await engine.lease(task_id)  # resolves and loads the task off the event loop if needed
         if metrics is not None and lease.adapter is not None:
@@ -69,14 +81,16 @@ async def start_generation(
             lease.release()
             raise
     except BaseException:
-        if ticket is not None:
-            ticket.release()
+        for hold in (ticket, spend):
+            if hold is not None:
+                hold.release()
         raise
-    if metrics is None and ticket is None:
+    if metrics is None and ticket is None and spend is None:
         return deltas
-    observed = _observed(deltas, started, metrics, admission, ticket)
-    if ticket is not None:  # a stream dropped before its first read never runs its finally
-        weakref.finalize(observed, ticket.release)
+    observed = _observed(deltas, started, metrics, admission, ticket, spend)
+    for hold in (ticket, spend):
+        if hold is not None:  # a stream dropped before its first read never runs its finally
+            weakref.finalize(observed, hold.release)
     return observed
 
 
@@ -131,10 +145,12 @@ async def _observed(
     metrics: Metrics | None,
     admission: Admission | None,
     ticket: Ticket | None,
+    spend: Spend | None = None,
 ) -> AsyncIterator[TokenDelta]:
     """Pass the deltas through, timing them for the metrics and the admission's estimate; closing this closes the
-    engine's stream (which cancels the row) and gives the request's place back."""
+    engine's stream (which cancels the row), gives the request's place back and charges its tokens to its quotas."""
     last: float | None = None
+    used = 0  # prompt and completion tokens, as the last delta counts them
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
     try:
         async for delta in deltas:
@@ -156,12 +172,15 @@ async def _observed(
                     metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
+                used = delta.prompt_tokens + delta.completion_tokens
                 if admission is not None and finish in ("stop", "length"):
                     admission.finished(delta.completion_tokens)
             yield delta
     finally:
         if ticket is not None:
             ticket.release()
+        if spend is not None:
+            spend.release(used)
         if metrics is not None:
             metrics.generations.labels(finish_reason=finish).inc()
         await deltas.aclose()

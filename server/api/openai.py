@@ -48,6 +48,7 @@ from server.api.openai_schemas import (
 from server.engine.engine import Engine
 from server.engine.request import BASE_TASK, InvalidRequest, TokenDelta, UnknownTask
 from server.engine.sampling import SamplingParams
+from server.tenants import Caller
 
 
 class OpenAIRoute(AuthorizedRoute):
@@ -98,6 +99,10 @@ async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams,
         raise _no_such_model(engine, body.model) from None
 
 
+def _caller(request: Request) -> Caller:
+    return request.state.caller  # set by the route's access check
+
+
 @dataclass(frozen=True)
 class _Reply:
     """What every chunk of one response repeats."""
@@ -126,7 +131,7 @@ async def completions(
     """OpenAI text completion: `prompt` continued by the task `model`. With `stream`, server-sent events."""
     limit = engine.settings.max_new_tokens
     sampling = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, limit)
-    deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text)
+    deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text, caller=_caller(request))
     reply = _Reply.new("cmpl", body.model)
     if body.stream:
         return EventStream(_completion_events(reply, deltas, body.include_usage), source=deltas)
@@ -150,7 +155,14 @@ async def chat_completions(
     sampling = _sampling(body, limit if body.limit is None else body.limit, limit)
     messages = [m.native() for m in body.messages]
     deltas = await _start(
-        engine, body, sampling, metrics, admission, messages=messages, fill_context=body.limit is None
+        engine,
+        body,
+        sampling,
+        metrics,
+        admission,
+        messages=messages,
+        fill_context=body.limit is None,
+        caller=_caller(request),
     )
     reply = _Reply.new("chatcmpl", body.model)
     if body.stream:
@@ -169,7 +181,8 @@ async def chat_completions(
 @router.get("/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request, engine: EngineDep, tasks: TasksDep):
     """The backbone, then every task, in id order."""
-    found = await run_in_threadpool(lambda: list(tasks.iter_tasks()))
+    caller = _caller(request)
+    found = await run_in_threadpool(lambda: [t for t in tasks.iter_tasks() if caller.sees(t.task_id)])
     base = Model(id=engine.backbone.name, created=request.app.state.started_at)
     return ModelList(data=[base, *(Model(id=t.task_id, created=int(t.current.created_at)) for t in found)])
 
@@ -181,6 +194,8 @@ async def get_model(model: str, request: Request, engine: EngineDep, tasks: Task
     if task_id == BASE_TASK:
         return Model(id=model, created=request.app.state.started_at)
     try:
+        if not _caller(request).sees(task_id):
+            raise TaskNotFound(task_id)
         info = await run_in_threadpool(tasks.info, task_id)
     except KeyError:  # TaskNotFound
         raise _no_such_model(engine, model) from None

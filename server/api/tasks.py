@@ -8,16 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import VersionInfo
+from adapters_store import TaskNotFound, VersionInfo
 from adapters_store.format import TEMPLATE_FILE, read_upload
-from server.api.auth import AdminAccess, AuthorizedRoute, InferenceAccess
+from server.api.auth import AdminAccess, AuthorizedRoute, CallerDep, InferenceAccess
 from server.api.deps import SettingsDep, TasksDep
-from server.api.errors import PayloadTooLarge
+from server.api.errors import Forbidden, PayloadTooLarge
 from server.api.fields import Text
 from server.api.limits import uploads
 from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
 from server.engine.engine import Engine
 from server.engine.request import InvalidRequest
+from server.tenants import Caller
 
 # reading needs any key; upload, rollback and delete add AdminAccess
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])
@@ -41,7 +42,7 @@ def _version(info: VersionInfo) -> VersionPublic:
 
 
 @router.post(
-    "/{task_id}/versions",
+    "/{task_id:path}/versions",
     status_code=201,
     response_model=VersionPublic,
     responses={200: UNCHANGED, **ADMIN_ERRORS},
@@ -54,6 +55,7 @@ async def upload(
     response: Response,
     tasks: TasksDep,
     settings: SettingsDep,
+    caller: CallerDep,
     files: Annotated[list[UploadFile] | None, File(description="the files of a PEFT save_pretrained directory")] = None,
     archive: Annotated[UploadFile | None, File(description="one .tar.gz or .zip of such a directory")] = None,
     description: Annotated[Text | None, Form()] = None,
@@ -70,6 +72,7 @@ async def upload(
         parts = {f.filename or f"file{i}": await _read(f, settings.max_upload_bytes) for i, f in enumerate(files or [])}
         blob = await _read(archive, settings.max_upload_bytes) if archive is not None else None
         contents = read_upload(parts or None, blob, max_bytes=settings.max_upload_bytes)
+    _check_writes(caller, task_id)
     info, created = await run_in_threadpool(tasks.upload, task_id, contents, description)
     if not created:
         response.status_code = 200
@@ -94,17 +97,23 @@ async def _json(request: Request) -> object:
 @router.get("", response_model=TaskList, responses=ERRORS)
 async def list_tasks(
     tasks: TasksDep,
+    caller: CallerDep,
     after: Annotated[str | None, Query(description="the last task id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ):
     """Tasks in id order, a page at a time, each with its current version."""
-    page = await run_in_threadpool(tasks.page, after=after, limit=limit)
+    if caller.key is None:
+        page = await run_in_threadpool(tasks.page, after=after, limit=limit)
+    else:  # a tenant's key lists its namespace and its grants
+        grants = caller.tenant.grants if caller.tenant is not None else ()
+        page = await run_in_threadpool(tasks.page_within, caller.key.tenant, grants, after=after, limit=limit)
     return TaskList(tasks=[_version(t.current) for t in page.tasks], next_after=page.next_after)
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=ERRORS)
-async def task_info(task_id: str, request: Request, tasks: TasksDep):
+@router.get("/{task_id:path}", response_model=TaskPublic, responses=ERRORS)
+async def task_info(task_id: str, request: Request, tasks: TasksDep, caller: CallerDep):
     """One task: its current version, every version, and whether the current one is on the device."""
+    _check_sees(caller, task_id)
     info = await run_in_threadpool(tasks.info, task_id)
     current = info.current_info
     engine: Engine | None = request.app.state.engine  # None while the model loads: nothing is resident yet
@@ -119,13 +128,29 @@ async def task_info(task_id: str, request: Request, tasks: TasksDep):
     )
 
 
-@router.post("/{task_id}/rollback", response_model=VersionPublic, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
-async def rollback(task_id: str, body: Rollback, tasks: TasksDep):
+@router.post(
+    "/{task_id:path}/rollback", response_model=VersionPublic, responses=ADMIN_ERRORS, dependencies=[AdminAccess]
+)
+async def rollback(task_id: str, body: Rollback, tasks: TasksDep, caller: CallerDep):
     """Make an earlier (or later) version current again."""
+    _check_writes(caller, task_id)
     return _version(await run_in_threadpool(tasks.rollback, task_id, body.version))
 
 
-@router.delete("/{task_id}", status_code=204, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
-async def delete_task(task_id: str, tasks: TasksDep) -> None:
+@router.delete("/{task_id:path}", status_code=204, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
+async def delete_task(task_id: str, tasks: TasksDep, caller: CallerDep) -> None:
     """Delete a task and all its versions; rows already running on it finish first."""
+    _check_writes(caller, task_id)
     await run_in_threadpool(tasks.delete, task_id)
+
+
+def _check_sees(caller: Caller, task_id: str) -> None:
+    """Another tenant's task answers exactly as a missing one does: ids do not leak."""
+    if not caller.sees(task_id):
+        raise TaskNotFound(f"unknown task {task_id!r}")
+
+
+def _check_writes(caller: Caller, task_id: str) -> None:
+    if not caller.writes(task_id):
+        _check_sees(caller, task_id)
+        raise Forbidden(f"a tenant's admin key writes only tasks in its namespace ({caller.tenant_name}/...)")
