@@ -56,6 +56,9 @@ SERVED_PEFT_TYPES = {
     "PREFIX_TUNING": "prefix_tuning",
     "LORA": "lora",
     "IA3": "ia3",
+    "ADALORA": "adalora",
+    "LOHA": "loha",
+    "LOKR": "lokr",
 }
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 

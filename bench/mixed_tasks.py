@@ -139,7 +139,7 @@ def load_peft(plain, tasks: list[Task]) -> PeftModel:
 
 
 def _fix_prompt_learning_generate(model: PeftModel) -> None:
-    """PEFT-SEMANTICS §7.1: with peft 0.21.2 + transformers 5.x, PeftModel.generate never sees its cache.
+    """docs/adapters.md, "Traps": with peft 0.21.2 + transformers 5.x, PeftModel.generate never sees its cache.
 
     Unpatched, prefix tuning silently drops its prefix and prompt/p-tuning re-feed `nvt + 1` rows every
     step: wrong output, and not quite the work a correct PEFT does. We apply the documented one-line shim

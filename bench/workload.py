@@ -2,7 +2,8 @@
 
 The mix is the one production traffic looks like on a shared backbone (and the one the engine's targets are
 set on): all-linear LoRA r=16, q/v LoRA r=8, rsLoRA r=16 on attention, prefix tuning with 16 virtual tokens
-and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³ — each saved by PEFT's own
+and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³, DoRA r=8 on q/v, LoRA r=8 with
+`lora_bias` on the MLP, AdaLoRA (init r=12, pruned), LoHa and LoKr r=8 on q/v — each saved by PEFT's own
 `save_pretrained` with randomised (non-trivial) weights.
 """
 
@@ -23,7 +24,16 @@ for path in (str(ROOT), str(ROOT / "tests")):
 if os.environ.get("TASKSERVE_TREE"):  # measure another checkout's engine (see run_elsewhere)
     sys.path.insert(0, os.environ["TASKSERVE_TREE"])
 
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: E402
+from peft import (  # noqa: E402
+    AdaLoraConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
 from peft_reference import make_adapter  # noqa: E402
 from serving import serve  # noqa: E402,F401  (re-exported: benches upload through the task layer)
 
@@ -36,6 +46,8 @@ __all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+QV = ["q_proj", "v_proj"]
 
 # kind -> (how peft_reference randomises it, its PEFT config)
 MIX = {
@@ -54,6 +66,17 @@ MIX = {
         PromptEncoderConfig(num_virtual_tokens=12, encoder_reparameterization_type="MLP", **CAUSAL),
     ),
     "ia3": ("ia3", IA3Config(**CAUSAL)),
+    "dora_qv_r8": (
+        "dora",
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, **CAUSAL),
+    ),
+    "lora_bias_mlp_r8": ("lora_bias", LoraConfig(r=8, lora_alpha=16, target_modules=MLP, lora_bias=True, **CAUSAL)),
+    "adalora_qv_r12": (
+        "adalora",
+        AdaLoraConfig(init_r=12, target_r=8, total_step=100, lora_alpha=16, target_modules=QV, **CAUSAL),
+    ),
+    "loha_qv_r8": ("loha", LoHaConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
+    "lokr_qv_r8": ("lokr", LoKrConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
 }
 
 SENTENCES = [

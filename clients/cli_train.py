@@ -262,7 +262,7 @@ def _server_samples(client: Client, task: str, records, trainer, trained) -> lis
 
 
 def _local_samples(records, trainer, trained) -> list[dict[str, str]]:
-    """Greedy answers from the trained model in this process (cache-free: PEFT-SEMANTICS §7.1)."""
+    """Greedy answers from the trained model in this process (cache-free: docs/adapters.md, "Traps")."""
     if not records:
         return []
     length = trainer.sample_length(records, trained.tokenizer)

@@ -383,7 +383,7 @@ def greedy_continuation(model, tokenizer, record: Record, *, max_new_tokens: int
     """A record's answer, greedy, with a full forward per token and no KV cache.
 
     Not `PeftModel.generate`: with this peft/transformers pair it ignores a prefix and repeats soft prompts at every
-    step (PEFT-SEMANTICS §7.1). A cache-free loop over `forward` is what PEFT computes, for every method.
+    step (docs/adapters.md, "Traps"). A cache-free loop over `forward` is what PEFT computes, for every method.
     """
     prompt = record.prompt()
     if "messages" in prompt:

@@ -49,6 +49,8 @@ class EngineSettings(BaseSettings):
     """Requests waiting for admission; past it, HTTP 429."""
     max_new_tokens: int = Field(default=2048, ge=1)
     """The most tokens a request may ask to generate."""
+    max_n: int = Field(default=16, ge=1)
+    """The most choices (`n`) one prompt may ask for; they share one prefill of the prompt."""
     lora_backend: Literal["auto", "gathered", "segmented", "loop"] = "auto"
     """How LoRA rows are computed: auto picks per run of one adapter between segmented (plain matmuls on the pooled
     weights) and gathered (each token's weights gathered, two batched matmuls; short runs on a GPU); loop is the

@@ -10,9 +10,9 @@ Everything here runs in-process on CPU and never touches the network:
   copy of the base model, then a cache-free greedy loop over ``PeftModel.forward`` (batch of one,
   no padding).  ``PeftModel.generate`` is deliberately NOT used: with peft 0.21.2 +
   transformers 5.x it silently drops prefix KV and re-injects soft prompts at every decode step
-  (see /work/shared/PEFT-SEMANTICS.md section 7.1).
+  (see docs/adapters.md, "Traps").
 
-See /work/shared/PEFT-SEMANTICS.md for how PEFT saves and applies each adapter kind.
+See docs/adapters.md for how PEFT saves and applies each adapter kind.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from peft import (  # noqa: E402
+    AdaLoraConfig,
     IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -45,10 +48,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 __all__ = [
     "ALL_SERVED_KINDS",
     "REFUSED_KINDS",
+    "BIAS_KINDS",
     "PROMPT_LEARNING_KINDS",
     "LORA_KINDS",
     "tiny_llama",
     "tiny_gpt2",
+    "random_biases",
     "adapter_config",
     "make_adapter",
     "load_reference",
@@ -73,8 +78,15 @@ ALL_SERVED_KINDS: tuple[str, ...] = (
     "lora_rslora",
     "lora_pattern",
     "ia3",
+    "dora",
+    "lora_bias",
+    "adalora",
+    "loha",
+    "lokr",
 )
-REFUSED_KINDS: tuple[str, ...] = ("dora", "lora_bias_all", "modules_to_save")
+# kinds that only differ from plain LoRA where the backbone's linear layers have biases (GPT-2, Qwen2)
+BIAS_KINDS: tuple[str, ...] = ("lora_bias_only", "lora_bias_all", "dora_bias")
+REFUSED_KINDS: tuple[str, ...] = ("modules_to_save",)
 
 PROMPT_LEARNING_KINDS: tuple[str, ...] = (
     "prompt",
@@ -84,12 +96,21 @@ PROMPT_LEARNING_KINDS: tuple[str, ...] = (
     "prefix",
     "prefix_proj",
 )
-LORA_KINDS: tuple[str, ...] = ("lora_qv", "lora_all", "lora_rslora", "lora_pattern")
+LORA_KINDS: tuple[str, ...] = ("lora_qv", "lora_all", "lora_rslora", "lora_pattern", "dora", "lora_bias")
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiny base models
 # ---------------------------------------------------------------------------------------------
+
+
+def random_biases(model, seed: int) -> None:
+    """Transformers initialises linear biases to zero, which would hide how a kind treats the backbone's biases."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and "ln" not in name and "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def _finish_model(model, name: str):
@@ -156,6 +177,7 @@ def tiny_gpt2(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    random_biases(model, seed)
     return _finish_model(model, "tiny-gpt2")
 
 
@@ -215,11 +237,30 @@ def adapter_config(model, kind: str):
         # target_modules / feedforward_modules left None -> PEFT's per-architecture defaults.
         return IA3Config(**ffo, **causal)
 
-    # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
+    # LoRA variants: DoRA, a bias on lora_B, trained base biases
+    mlp_targets = ["c_attn", "mlp.c_fc"] if gpt2 else ["q_proj", "v_proj", "up_proj", "down_proj"]
     if kind == "dora":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, use_dora=True, **ffo, **causal)
+        return LoraConfig(r=4, lora_alpha=8, target_modules=mlp_targets, use_dora=True, **ffo, **causal)
+    if kind == "dora_bias":
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=qv_targets, use_dora=True, bias="lora_only", **ffo, **causal
+        )
+    if kind == "lora_bias":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=mlp_targets, lora_bias=True, **ffo, **causal)
+    if kind == "lora_bias_only":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="lora_only", **ffo, **causal)
     if kind == "lora_bias_all":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, bias="all", **ffo, **causal)
+
+    # the LoRA family beyond LoRA (llama only: PEFT's LoHa and LoKr do not take GPT-2's Conv1D)
+    if kind == "adalora":  # make_adapter prunes ranks the way AdaLoRA's final mask would
+        return AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=8, target_modules=mlp_targets, **causal)
+    if kind == "loha":  # r*r = 16 < 64: folded to a rank-16 LoRA; down_proj's rank 8 (64) is stored dense
+        return LoHaConfig(r=4, alpha=8, target_modules=mlp_targets, rank_pattern={"down_proj": 8}, **causal)
+    if kind == "lokr":  # q_proj: w1 8x8 and w2 8x8 whole (dense); down_proj: w2 in halves of rank 2 (rank 16)
+        return LoKrConfig(r=4, alpha=8, target_modules=mlp_targets, rank_pattern={"down_proj": 2}, **causal)
+
+    # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
     if kind == "modules_to_save":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal)
     raise ValueError(f"unknown adapter kind {kind!r}")
@@ -238,10 +279,28 @@ def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / r**0.5))
         elif name.endswith(".ia3_l.default") or ".ia3_l." in name:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif ".lora_E." in name:  # AdaLoRA's singular values (zero at init)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        elif ".hada_" in name:  # LoHa's factors (one of each pair zero at init)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+        elif ".lokr_" in name:  # LoKr's (the same)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+        elif ".lora_magnitude_vector." in name:  # DoRA: already ||W|| per row; move it off the identity
+            p.mul_(torch.empty(p.shape).uniform_(0.7, 1.3, generator=gen))
         elif ".modules_to_save.default." in name:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        elif kind == "lora_bias_all" and name.endswith(".bias") and p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        elif kind in BIAS_KINDS and name.endswith(".bias") and p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def _prune_adalora(peft_model) -> None:
+    """A final AdaLoRA rank mask, as training leaves it: each module keeps some ranks, one keeps none."""
+    names = sorted(n for n, _ in peft_model.base_model.model.named_parameters() if ".lora_E." in n)
+    masks = {}
+    for i, name in enumerate(names):
+        init_r = peft_model.peft_config["default"].init_r
+        masks[name] = [False] * init_r if i == 1 else [(i + k) % 3 != 0 for k in range(init_r)]
+    peft_model.peft_config["default"].rank_pattern = masks
 
 
 def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathlib.Path:
@@ -262,6 +321,8 @@ def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathl
             pm = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(10_000 + seed)
     _randomise(pm, kind, gen)
+    if kind == "adalora":
+        _prune_adalora(pm)
     pm.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: skips PEFT's "was the vocab resized?" check, which would look the

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from adapters_store import InvalidTaskId, StoreUnavailable, TaskNotFound, VersionNotFound
 from adapters_store.format import FormatError, UploadTooLarge
+from server.api.fields import UNSUPPORTED_PARAMETER
 from server.api.quotas import OverQuota
 from server.engine.adapters import AdapterError
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownTask
@@ -94,6 +95,7 @@ def error_response(
     message: str,
     *,
     param: str | None = None,
+    code: str | None = None,
     retry_after: int = 1,
 ) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
@@ -108,7 +110,7 @@ def error_response(
             "message": message,
             "type": "invalid_request_error" if status < 500 else "server_error",
             "param": param,
-            "code": OPENAI_CODES.get(kind, kind),
+            "code": code or OPENAI_CODES.get(kind, kind),
         }
     else:
         error = {"type": kind, "message": message}
@@ -118,15 +120,19 @@ def error_response(
 def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
     """Map every domain error; `on_error(type)` sees each one (metrics)."""
 
-    def answer(request: Request, status: int, kind: str, message: str, param: str | None = None, **kw) -> JSONResponse:
+    def answer(
+        request: Request, status: int, kind: str, message: str, param: str | None = None, code: str | None = None, **kw
+    ) -> JSONResponse:
         if on_error is not None:
             on_error(kind)
-        return error_response(request, status, kind, message, param=param, **kw)
+        return error_response(request, status, kind, message, param=param, code=code, **kw)
 
     for exc_type, (status, kind) in STATUS.items():
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
-            response = answer(request, status, kind, str(exc), retry_after=getattr(exc, "retry_after", 1))
+            retry_after = getattr(exc, "retry_after", 1)
+            param = getattr(exc, "param", None)
+            response = answer(request, status, kind, str(exc), param=param, retry_after=retry_after)
             response.headers.update(getattr(exc, "headers", None) or {})  # x-ratelimit-* on a quota's 429
             return response
 
@@ -194,18 +200,26 @@ def _framework_message(request: Request, exc: HTTPException) -> str:
     return str(exc.detail)
 
 
-def _describe(errors) -> tuple[str, str | None]:
-    """(one message for every error, the first error's field: OpenAI's `param`)."""
-    parts, params = [], []
+# pydantic error type -> OpenAI `code`: a field the schema does not declare, or one declared only to refuse it
+VALIDATION_CODES = {"extra_forbidden": "unknown_parameter", UNSUPPORTED_PARAMETER: "unsupported_parameter"}
+
+
+def _describe(errors) -> tuple[str, str | None, str | None]:
+    """(one message for every error, the first error's field: OpenAI's `param`, the first error's OpenAI code)."""
+    parts, params, codes = [], [], []
     for err in errors:
         if err.get("type") == "json_invalid":  # FastAPI puts the character offset where a field name goes
             offset = err.get("loc", (None, "?"))[-1]
             parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at character {offset}")
             params.append(None)
+            codes.append(None)
             continue
         # pydantic names the member of a union it tried (`function-after[...]`, `list[str]`): not a field
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
         message = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if err.get("type") == "extra_forbidden":
+            message = "unknown parameter: this server refuses what it does not honour (docs/api.md lists every field)"
         parts.append(f"{where}: {message}" if where else message)
         params.append(where or None)
-    return "; ".join(parts), params[0] if params else None
+        codes.append(VALIDATION_CODES.get(err.get("type")))
+    return "; ".join(parts), params[0] if params else None, codes[0] if codes else None

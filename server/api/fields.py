@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 # vLLM's floor: below it, logits / t grows past what float32 holds; at it, sampling is as good as greedy
 MIN_TEMPERATURE = 1e-2
@@ -24,6 +25,17 @@ MAX_TEMPERATURE = 100.0
 MIN_TOP_P = 1e-8
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 MAX_TOP_K = 2**31 - 1
+MAX_LOGPROBS = 20  # alternatives per token, as in vLLM
+MAX_STOP_TOKENS = 64
+MAX_LOGIT_BIAS = 1024  # entries; each costs a little on every step of its row
+UNSUPPORTED_PARAMETER = "unsupported_parameter"  # the error type of a declared field given a value it cannot honour
+
+
+def unsupported(field: str, why: str) -> PydanticCustomError:
+    """The validation error of a field this server declares only to refuse (its "off" value aside)."""
+    return PydanticCustomError(
+        UNSUPPORTED_PARAMETER, "{field} is not supported by this server: {why}", {"field": field, "why": why}
+    )
 
 
 def valid_unicode(text: str) -> str:

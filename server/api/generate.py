@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
+from server.api import logprobs
 from server.api.auth import AuthorizedRoute, CallerDep, InferenceAccess
 from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
@@ -46,6 +47,9 @@ async def generate(
         seed=body.seed,
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,
+        logprobs=body.top_logprobs if body.logprobs else None,
+        prompt_logprobs=body.top_logprobs if body.prompt_logprobs else None,
+        **body.controls(),
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     deltas = await start_generation(
@@ -58,8 +62,9 @@ async def generate(
         admission=admission,
         caller=caller,
     )
+    tokenizer = engine.backbone.tokenizer
     if body.stream:
-        return EventStream(_events(task_id, deltas), source=deltas)
+        return EventStream(_events(task_id, deltas, tokenizer), sources=[deltas])
     done = await unless_disconnected(request, collect(deltas))
     return GenerateResponse(
         task_id=task_id,
@@ -68,18 +73,30 @@ async def generate(
         token_ids=done.token_ids,
         finish_reason=done.last.finish_reason,
         usage=Usage(prompt_tokens=done.last.prompt_tokens, completion_tokens=done.last.completion_tokens),
+        logprobs=logprobs.native(tokenizer, done.logprobs) if body.logprobs else None,
+        prompt_logprobs=_prompt_logprobs(tokenizer, done.first),
     )
 
 
-async def _events(task_id: str, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[str]:
+def _prompt_logprobs(tokenizer, delta: TokenDelta) -> list[dict | None] | None:
+    return None if delta.prompt_logprobs is None else logprobs.native(tokenizer, delta.prompt_logprobs)
+
+
+async def _events(task_id: str, deltas: AsyncIterator[TokenDelta], tokenizer) -> AsyncIterator[str]:
     async for delta in deltas:
         if delta.finish_reason not in (None, "stop", "length"):
             message = f"generation failed: {delta.error or delta.finish_reason}"
             body = ErrorBody(error={"type": "internal", "message": message})
             yield f"event: error\ndata: {body.model_dump_json()}\n\n"
             return
-        if delta.token_ids or delta.text:
-            yield f"data: {StreamDelta(text=delta.text, token_ids=delta.token_ids).model_dump_json()}\n\n"
+        if delta.token_ids or delta.text or delta.prompt_logprobs is not None:
+            event = StreamDelta(
+                text=delta.text,
+                token_ids=delta.token_ids,
+                logprobs=None if delta.logprobs is None else logprobs.native(tokenizer, delta.logprobs),
+                prompt_logprobs=_prompt_logprobs(tokenizer, delta),
+            )
+            yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
         if delta.finish_reason is not None:
             end = StreamEnd(
                 task_id=task_id,

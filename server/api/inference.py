@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import anyio
@@ -24,7 +25,7 @@ from server.api.quotas import Spend
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
+from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta, TokenLogprob
 from server.engine.sampling import SamplingParams
 from server.tenants import Caller
 
@@ -40,57 +41,73 @@ def sampling_params(**fields) -> SamplingParams:
 
 
 async def start_generation(
+    engine: Engine, task_id: str, sampling: SamplingParams, **inputs
+) -> AsyncIterator[TokenDelta]:
+    """`start_choices` for one choice: its stream."""
+    return (await start_choices(engine, task_id, sampling, **inputs))[0]
+
+
+async def start_choices(
     engine: Engine,
     task_id: str,
     sampling: SamplingParams,
     *,
     prompt: str | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
+    prompt_ids: Sequence[int] | None = None,
     fill_context: bool = False,
     metrics: Metrics | None = None,
     admission: Admission | None = None,
     caller: Caller | None = None,
-) -> AsyncIterator[TokenDelta]:
+) -> list[AsyncIterator[TokenDelta]]:
     """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
-    is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop.
+    is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop. Returns one stream
+    per choice (`sampling.n`), each admitted as a row of its own.
 
     `fill_context`: generate up to what the context and the server's limits leave (`sampling.max_new_tokens`
-    is then only an upper bound). The returned iterator must be closed (`aclose`) by whoever stops reading it.
+    is then only an upper bound). Each returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
     if caller is not None and not caller.sees(task_id):
         raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
     spend = admission.quotas.admit(caller) if admission is not None and caller is not None else None
+    tickets: list[Ticket] = []
     try:
-        ticket = admission.admit(engine, sampling.max_new_tokens) if admission is not None else None
-    except BaseException:
-        if spend is not None:
-            spend.release()
-        raise
-    try:
+        if admission is not None:
+            for _ in range(sampling.n):
+                tickets.append(admission.admit(engine, sampling.max_new_tokens))
         lease = await engine.lease(task_id)  # resolves and loads the task off the event loop if needed
         if metrics is not None and lease.adapter is not None:
             metrics.last_use.touch(task_id)
         try:
-            prompt_ids = await run_in_threadpool(encode, engine, lease.adapter, prompt=prompt, messages=messages)
+            ids = await run_in_threadpool(
+                encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids
+            )
             if fill_context:
-                room = room_for(engine, lease.adapter, prompt_ids)
-                sampling = replace(sampling, max_new_tokens=max(1, min(room, sampling.max_new_tokens)))
-            deltas = engine.generate(GenerationRequest(prompt_ids, sampling, task_id=task_id), lease)
+                room = room_for(engine, lease.adapter, ids)
+                sampling = sampling_params(
+                    **{**asdict(sampling), "max_new_tokens": max(1, min(room, sampling.max_new_tokens))}
+                )
+            streams = engine.generate_choices(GenerationRequest(ids, sampling, task_id=task_id), lease)
         except BaseException:
             lease.release()
             raise
     except BaseException:
-        for hold in (ticket, spend):
+        for hold in [*tickets, spend]:
             if hold is not None:
                 hold.release()
         raise
-    if metrics is None and ticket is None and spend is None:
-        return deltas
-    observed = _observed(deltas, started, metrics, admission, ticket, spend)
-    for hold in (ticket, spend):
-        if hold is not None:  # a stream dropped before its first read never runs its finally
-            weakref.finalize(observed, hold.release)
+    if metrics is None and admission is None:
+        return streams
+    observed = []
+    for i, stream in enumerate(streams):
+        ticket = tickets[i] if tickets else None
+        charged = spend if i == 0 else None  # the request's quota hold rides on its first choice
+        watched = _observed(stream, started, metrics, admission, ticket, charged, prefilled=i == 0)
+        for hold in (ticket, charged):
+            if hold is not None:  # a stream dropped before its first read never runs its finally
+                weakref.finalize(watched, hold.release)
+        observed.append(watched)
     return observed
 
 
@@ -100,14 +117,20 @@ def encode(
     *,
     prompt: str | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> tuple[int, ...]:
-    """A request's token ids: the prompt, the chat-templated messages, or what a template task wraps."""
+    """A request's token ids: the prompt, the chat-templated messages, what a template task wraps, or the token ids
+    given as they are."""
     tokenizer = engine.backbone.tokenizer
-    if tokenizer is None:
+    if prompt_ids is not None:
+        if adapter is not None and adapter.template is not None:
+            raise InvalidRequest("this task wraps text in its template: send the prompt as text, not token ids")
+        ids = list(prompt_ids)
+    elif tokenizer is None:
         raise InvalidRequest("this backbone has no tokenizer, so it takes no text")
-    if adapter is not None and adapter.template is not None:
+    elif adapter is not None and adapter.template is not None:
         return render_ids(adapter, prompt if prompt is not None else _sole_user_input(messages), tokenizer)
-    if messages is not None:
+    elif messages is not None:
         try:
             ids = tokenizer.apply_chat_template(
                 [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -146,9 +169,12 @@ async def _observed(
     admission: Admission | None,
     ticket: Ticket | None,
     spend: Spend | None = None,
+    prefilled: bool = True,
 ) -> AsyncIterator[TokenDelta]:
     """Pass the deltas through, timing them for the metrics and the admission's estimate; closing this closes the
-    engine's stream (which cancels the row), gives the request's place back and charges its tokens to its quotas."""
+    engine's stream (which cancels the row), gives the request's place back and charges its tokens to its quotas.
+    `prefilled`: this stream's row computed the prompt (the other choices of a request share it, so its tokens
+    count once)."""
     last: float | None = None
     used = 0  # prompt and completion tokens, as the last delta counts them
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
@@ -159,7 +185,8 @@ async def _observed(
                 if last is None:
                     if metrics is not None:
                         metrics.time_to_first_token.observe(now - started)
-                        metrics.prompt_tokens.inc(delta.prompt_tokens)
+                        if prefilled:
+                            metrics.prompt_tokens.inc(delta.prompt_tokens)
                 else:
                     gap = (now - last) / len(delta.token_ids)
                     if metrics is not None:
@@ -193,6 +220,8 @@ class Completed:
     text: str
     token_ids: list[int]
     last: TokenDelta  # carries finish_reason, usage and the task version
+    first: TokenDelta  # carries the prompt's ids and, when asked, its log-probabilities
+    logprobs: list[TokenLogprob]  # one per token id when the request asked for them, else empty
 
     @property
     def version(self) -> int | None:
@@ -200,16 +229,66 @@ class Completed:
 
 
 async def collect(deltas: AsyncIterator[TokenDelta]) -> Completed:
-    text, token_ids, delta = [], [], None
+    text, token_ids, logprobs, first, delta = [], [], [], None, None
     async with aclosing(deltas):
         async for delta in deltas:
             if delta.finish_reason not in (None, "stop", "length"):
                 raise GenerationFailed(f"generation failed: {delta.error or delta.finish_reason}")
+            first = first or delta
             text.append(delta.text)
             token_ids += delta.token_ids
+            logprobs += delta.logprobs or ()
     if delta is None:
         raise GenerationFailed("generation ended without a finish reason")
-    return Completed(text="".join(text), token_ids=token_ids, last=delta)
+    return Completed(text="".join(text), token_ids=token_ids, last=delta, first=first, logprobs=logprobs)
+
+
+async def collect_all(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[Completed]:
+    """`collect` each stream at once; the first failure cancels the rest (and is raised as it is)."""
+    done: list[Completed | None] = [None] * len(streams)
+
+    async def one(i: int) -> None:
+        done[i] = await collect(streams[i])
+
+    try:
+        async with anyio.create_task_group() as group:
+            for i in range(len(streams)):
+                group.start_soon(one, i)
+    except* Exception as failures:
+        raise failures.exceptions[0] from None
+    return done  # type: ignore[return-value]
+
+
+async def merged(streams: Sequence[AsyncIterator[TokenDelta]]) -> AsyncIterator[tuple[int, TokenDelta]]:
+    """(choice index, delta) from every stream as each comes; ends when all have. Closing it closes them all."""
+    arrivals: asyncio.Queue[tuple[int, TokenDelta | None]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for delta in streams[i]:
+                await arrivals.put((i, delta))
+        finally:
+            arrivals.put_nowait((i, None))
+
+    pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    try:
+        left = len(streams)
+        while left:
+            i, delta = await arrivals.get()
+            if delta is None:
+                left -= 1
+            else:
+                yield i, delta
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await close_all(streams)
+
+
+async def close_all(streams: Sequence[AsyncIterator[TokenDelta]]) -> None:
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 def task_version(delta: TokenDelta) -> int | None:
@@ -264,14 +343,14 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], *, source: AsyncIterator[TokenDelta]):
+    def __init__(self, content: AsyncIterator[str], *, sources: Sequence[AsyncIterator[TokenDelta]]):
         # no-cache and X-Accel-Buffering: proxies (nginx) must pass each event on as it comes
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.source = source
+        self.sources = sources
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self.source.aclose()  # type: ignore[attr-defined]
+            await close_all(self.sources)

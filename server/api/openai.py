@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -17,14 +18,17 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import TASK_ID, TaskNotFound
+from server.api import logprobs
 from server.api.auth import AuthorizedRoute, InferenceAccess
 from server.api.deps import AdmissionDep, EngineDep, MetricsDep, TasksDep
 from server.api.inference import (
     SSE_EVENT,
     EventStream,
-    collect,
+    close_all,
+    collect_all,
+    merged,
     sampling_params,
-    start_generation,
+    start_choices,
     unless_disconnected,
 )
 from server.api.openai_schemas import (
@@ -35,8 +39,10 @@ from server.api.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
     Model,
@@ -77,10 +83,12 @@ def _no_such_model(engine: Engine, model: str) -> UnknownTask:
     return UnknownTask(f"the model {model!r} does not exist: name a task id, 'base' or {engine.backbone.name!r}")
 
 
-def _sampling(body: SamplingFields, max_tokens: int, server_limit: int) -> SamplingParams:
+def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scoring) -> SamplingParams:
     if max_tokens > server_limit:
         raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}")
     return sampling_params(
+        **scoring,
+        **body.controls(),
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -91,16 +99,39 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int) -> Sampl
     )
 
 
-async def _start(engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, admission, **inputs):
-    try:
-        task_id = task_for(engine, body.model)
-        return await start_generation(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
-    except (UnknownTask, TaskNotFound):
-        raise _no_such_model(engine, body.model) from None
-
-
 def _caller(request: Request) -> Caller:
     return request.state.caller  # set by the route's access check
+
+
+async def _start(
+    engine: Engine,
+    body: SamplingFields,
+    sampling: SamplingParams,
+    metrics,
+    admission,
+    prompts: list[dict],
+    caller: Caller | None = None,
+) -> list[AsyncIterator[TokenDelta]]:
+    """Every choice of every prompt, in order (prompt-major); a refusal part-way closes what had started."""
+    most_n = min(engine.settings.max_n, engine.settings.max_batch_size)
+    if sampling.n > most_n:
+        raise InvalidRequest(f"n={sampling.n} exceeds this server's limit of {most_n} choices", param="n")
+    rows, most = len(prompts) * sampling.n, engine.settings.max_batch_size
+    if rows > most:
+        raise InvalidRequest(f"{len(prompts)} prompts × n={sampling.n} make {rows} rows; at most {most}", "prompt")
+    streams: list[AsyncIterator[TokenDelta]] = []
+    try:
+        task_id = task_for(engine, body.model)
+        for inputs in prompts:
+            streams += await start_choices(
+                engine, task_id, sampling, metrics=metrics, admission=admission, caller=caller, **inputs
+            )
+    except BaseException as exc:
+        await close_all(streams)
+        if isinstance(exc, UnknownTask | TaskNotFound):
+            raise _no_such_model(engine, body.model) from None
+        raise
+    return streams
 
 
 @dataclass(frozen=True)
@@ -110,39 +141,67 @@ class _Reply:
     id: str
     created: int
     model: str
+    n: int  # choices per prompt
 
     @classmethod
-    def new(cls, prefix: str, model: str) -> _Reply:
-        return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+    def new(cls, prefix: str, model: str, n: int) -> _Reply:
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model, n=n)
 
+    def sse(self, body: type[Completion] | type[ChatCompletionChunk], choices: list, **fields) -> str:
+        """One event of a streamed response: `body` with these choices (and `usage`, `system_fingerprint`)."""
+        return _sse(body(id=self.id, created=self.created, model=self.model, choices=choices, **fields))
 
-def _usage(delta: TokenDelta) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=delta.prompt_tokens,
-        completion_tokens=delta.completion_tokens,
-        total_tokens=delta.prompt_tokens + delta.completion_tokens,
-    )
+    def ending(self, body, lasts: list[TokenDelta | None], include_usage: bool) -> Iterator[str]:
+        """The last events: the usage of every choice (once all have ended, if asked), then `[DONE]`."""
+        if include_usage and all(lasts):
+            yield self.sse(body, [], usage=self.usage(lasts), system_fingerprint=lasts[0].fingerprint)
+        yield "data: [DONE]\n\n"
+
+    def usage(self, lasts: list[TokenDelta]) -> CompletionUsage:
+        """Each prompt counts once, however many choices share it; every choice's tokens count."""
+        prompt = sum(d.prompt_tokens for d in lasts[:: self.n])
+        completion = sum(d.completion_tokens for d in lasts)
+        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 @router.post("/completions", response_model=Completion, responses={200: STREAMED, **ERRORS})
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep, admission: AdmissionDep
 ):
-    """OpenAI text completion: `prompt` continued by the task `model`. With `stream`, server-sent events."""
+    """OpenAI text completion: each prompt continued by the task `model`, n times. With `stream`, server-sent
+    events."""
+    if body.max_tokens == 0 and body.n > 1:
+        raise InvalidRequest("max_tokens=0 scores the prompt once: n must be 1", param="n")
     limit = engine.settings.max_new_tokens
-    sampling = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, limit)
-    deltas = await _start(engine, body, sampling, metrics, admission, prompt=body.prompt_text, caller=_caller(request))
-    reply = _Reply.new("cmpl", body.model)
+    sampling = _sampling(
+        body,
+        16 if body.max_tokens is None else body.max_tokens,
+        limit,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,
+        n=body.n,
+    )
+    streams = await _start(engine, body, sampling, metrics, admission, body.prompts, _caller(request))
+    reply = _Reply.new("cmpl", body.model, body.n)
+    pieces = [_CompletionPieces(engine.backbone.tokenizer, body.echo, body.logprobs is not None) for _ in streams]
     if body.stream:
-        return EventStream(_completion_events(reply, deltas, body.include_usage), source=deltas)
-    done = await unless_disconnected(request, collect(deltas))
+        return EventStream(_completion_events(reply, streams, body.include_usage, pieces), sources=streams)
+    dones = await unless_disconnected(request, collect_all(streams))
+    choices = []
+    for i, (done, piece) in enumerate(zip(dones, pieces)):
+        prompt_text, prompt_scores = piece.prompt(done.first)
+        text, scores = piece.tokens(done.text, done.token_ids, done.logprobs)
+        logprobs = _joined(prompt_scores, scores)
+        choices.append(
+            CompletionChoice(index=i, text=prompt_text + text, finish_reason=done.last.finish_reason, logprobs=logprobs)
+        )
     return Completion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[CompletionChoice(text=done.text, finish_reason=done.last.finish_reason)],
-        usage=_usage(done.last),
-        system_fingerprint=done.last.fingerprint,
+        choices=choices,
+        usage=reply.usage([d.last for d in dones]),
+        system_fingerprint=dones[0].last.fingerprint,
     )
 
 
@@ -152,35 +211,39 @@ async def chat_completions(
 ):
     """OpenAI chat completion: `messages` through the backbone's chat template, answered by the task `model`."""
     limit = engine.settings.max_new_tokens
-    sampling = _sampling(body, limit if body.limit is None else body.limit, limit)
-    messages = [m.native() for m in body.messages]
-    deltas = await _start(
-        engine,
-        body,
-        sampling,
-        metrics,
-        admission,
-        messages=messages,
-        fill_context=body.limit is None,
-        caller=_caller(request),
+    sampling = _sampling(
+        body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked, n=body.n
     )
-    reply = _Reply.new("chatcmpl", body.model)
+    messages = [m.native() for m in body.messages]
+    prompts = [{"messages": messages, "fill_context": body.limit is None}]
+    streams = await _start(engine, body, sampling, metrics, admission, prompts, _caller(request))
+    reply = _Reply.new("chatcmpl", body.model, body.n)
+    tokenizer = engine.backbone.tokenizer if body.logprobs else None
     if body.stream:
-        return EventStream(_chat_events(reply, deltas, body.include_usage), source=deltas)
-    done = await unless_disconnected(request, collect(deltas))
+        return EventStream(_chat_events(reply, streams, body.include_usage, tokenizer), sources=streams)
+    dones = await unless_disconnected(request, collect_all(streams))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=done.text),
+            finish_reason=done.last.finish_reason,
+            logprobs=_chat_logprobs(tokenizer, done.logprobs),
+        )
+        for i, done in enumerate(dones)
+    ]
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
         model=reply.model,
-        choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.last.finish_reason)],
-        usage=_usage(done.last),
-        system_fingerprint=done.last.fingerprint,
+        choices=choices,
+        usage=reply.usage([d.last for d in dones]),
+        system_fingerprint=dones[0].last.fingerprint,
     )
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request, engine: EngineDep, tasks: TasksDep):
-    """The backbone, then every task, in id order."""
+    """The backbone, then every task the caller may see, in id order."""
     caller = _caller(request)
     found = await run_in_threadpool(lambda: [t for t in tasks.iter_tasks() if caller.sees(t.task_id)])
     base = Model(id=engine.backbone.name, created=request.app.state.started_at)
@@ -202,6 +265,47 @@ async def get_model(model: str, request: Request, engine: EngineDep, tasks: Task
     return Model(id=model, created=int(info.current_info.created_at))
 
 
+class _CompletionPieces:
+    """A completion's text and log-probabilities, piece by piece: the echoed prompt, then each delta's tokens, with
+    each token's offset in the choice's text running on across pieces."""
+
+    def __init__(self, tokenizer, echo: bool, logprobs: bool):
+        self.tokenizer, self.echo, self.logprobs = tokenizer, echo, logprobs
+        self.offset = 0
+
+    def prompt(self, first: TokenDelta) -> tuple[str, CompletionLogprobs | None]:
+        """The prompt as the model saw it (a template task's wrapping included), when echoed."""
+        if not self.echo:
+            return "", None
+        ids = first.prompt_ids or ()
+        text = self.tokenizer.decode(list(ids))
+        scored = first.prompt_logprobs or [None] * len(ids)
+        return text, self._scores(scored, ids)
+
+    def tokens(self, text: str, token_ids, scored) -> tuple[str, CompletionLogprobs | None]:
+        return text, self._scores(scored, token_ids)
+
+    def _scores(self, scored, token_ids) -> CompletionLogprobs | None:
+        if not self.logprobs:
+            return None
+        shown = logprobs.completion(self.tokenizer, scored, token_ids, self.offset)
+        self.offset += sum(map(len, shown["tokens"]))
+        return CompletionLogprobs(**shown)
+
+
+def _joined(*parts: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return CompletionLogprobs(
+        **{field: [x for p in present for x in getattr(p, field)] for field in CompletionLogprobs.model_fields}
+    )
+
+
+def _chat_logprobs(tokenizer, scored) -> ChatLogprobs | None:
+    return None if tokenizer is None else ChatLogprobs(content=logprobs.chat(tokenizer, scored))
+
+
 def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
@@ -216,52 +320,67 @@ def _failure(delta: TokenDelta) -> str | None:
     return _sse(OpenAIError(error=detail))
 
 
-async def _completion_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool):
-    def chunk(text: str, finish=None, usage=None, fingerprint=None, choices=True) -> str:
-        body = Completion(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else [],
-            usage=usage,
-            system_fingerprint=fingerprint,
-        )
-        return _sse(body)
+async def _events(
+    reply: _Reply,
+    body: type[Completion] | type[ChatCompletionChunk],
+    streams: list[AsyncIterator[TokenDelta]],
+    include_usage: bool,
+    events_of: Callable[[int, TokenDelta], Iterator[str]],
+) -> AsyncIterator[str]:
+    """Each choice's deltas as they come, as `events_of(index, delta)` shows them; a failure ends the response."""
+    lasts: list[TokenDelta | None] = [None] * len(streams)
+    async with aclosing(merged(streams)) as arrivals:
+        async for i, delta in arrivals:
+            if (failure := _failure(delta)) is not None:
+                yield failure
+                break
+            for event in events_of(i, delta):
+                yield event
+            if delta.finish_reason is not None:
+                lasts[i] = delta
+    for event in reply.ending(body, lasts, include_usage):
+        yield event
 
-    async for delta in deltas:
-        if (failure := _failure(delta)) is not None:
-            yield failure
-            break
-        if delta.text:
-            yield chunk(delta.text, fingerprint=delta.fingerprint)
+
+def _completion_events(
+    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, pieces: list[_CompletionPieces]
+) -> AsyncIterator[str]:
+    def chunk(i: int, text: str, finish=None, fingerprint=None, logprobs=None) -> str:
+        choice = CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
+        return reply.sse(Completion, [choice], system_fingerprint=fingerprint)
+
+    def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
+        piece, fingerprint = pieces[i], delta.fingerprint
+        if delta.prompt_ids is not None and piece.echo:
+            text, scores = piece.prompt(delta)
+            yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
+        if delta.text or (delta.token_ids and piece.logprobs):
+            text, scores = piece.tokens(delta.text, delta.token_ids, delta.logprobs or [])
+            yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
         if delta.finish_reason is not None:
-            yield chunk("", finish=delta.finish_reason, fingerprint=delta.fingerprint)
-            if include_usage:
-                yield chunk("", usage=_usage(delta), fingerprint=delta.fingerprint, choices=False)
-    yield "data: [DONE]\n\n"
+            yield chunk(i, "", finish=delta.finish_reason, fingerprint=fingerprint)
+
+    return _events(reply, Completion, streams, include_usage, events_of)
 
 
-async def _chat_events(reply: _Reply, deltas: AsyncIterator[TokenDelta], include_usage: bool):
-    def chunk(delta: ChatDelta | None, finish=None, usage=None, fingerprint=None) -> str:
-        body = ChatCompletionChunk(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else [],
-            usage=usage,
-            system_fingerprint=fingerprint,
-        )
-        return _sse(body)
+async def _chat_events(
+    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, tokenizer
+) -> AsyncIterator[str]:
+    """`tokenizer` is None unless the request asked for log-probabilities."""
 
-    yield chunk(ChatDelta(role="assistant", content=""))
-    async for delta in deltas:
-        if (failure := _failure(delta)) is not None:
-            yield failure
-            break
-        if delta.text:
-            yield chunk(ChatDelta(content=delta.text), fingerprint=delta.fingerprint)
+    def chunk(i: int, delta: ChatDelta, finish=None, fingerprint=None, logprobs=None) -> str:
+        choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return reply.sse(ChatCompletionChunk, [choice], system_fingerprint=fingerprint)
+
+    def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
+        if delta.text or (delta.token_ids and tokenizer is not None):
+            scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+            yield chunk(i, ChatDelta(content=delta.text), fingerprint=delta.fingerprint, logprobs=scores)
         if delta.finish_reason is not None:
-            yield chunk(ChatDelta(), finish=delta.finish_reason, fingerprint=delta.fingerprint)
-            if include_usage:
-                yield chunk(None, usage=_usage(delta), fingerprint=delta.fingerprint)
-    yield "data: [DONE]\n\n"
+            yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=delta.fingerprint)
+
+    for i in range(len(streams)):
+        yield chunk(i, ChatDelta(role="assistant", content=""))
+    async with aclosing(_events(reply, ChatCompletionChunk, streams, include_usage, events_of)) as events:
+        async for event in events:
+            yield event

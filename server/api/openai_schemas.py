@@ -1,45 +1,52 @@
 """Request and response bodies of the OpenAI-compatible routes, in OpenAI's own field names and shapes.
 
-Parameters OpenAI clients commonly send that this server cannot honour are declared so that their default values
-pass and anything else is a 400 naming the parameter, instead of being silently ignored. Unknown fields are
-ignored, as newer clients add fields faster than any server follows.
+Strict by default: a field the schema does not declare is a 400 `unknown_parameter` naming it, and a field declared
+only to be refused (`REFUSED`) passes at its "off" value and is a 400 `unsupported_parameter` otherwise. A client
+therefore never gets output that silently differs from what it asked for. `docs/api.md` lists every field.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
-from server.api.fields import Temperature, Text, TopK, TopP
+from server.api.fields import MAX_LOGPROBS, Temperature, Text, TopK, TopP, unsupported
+from server.api.schemas import SamplingControls
 
 FinishReason = Literal["stop", "length"]
 
-# parameter -> the values that mean "off"; any other value is refused with a 400
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
+# parameter -> (the values that mean "off", why any other value is refused)
+REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "best_of": ((None, 1), "ask for n choices instead (vLLM's V1 engine refuses best_of too)"),
+    "suffix": ((None, ""), "inserting text needs a fill-in-the-middle model"),
+    "tools": ((None, []), "leave it out"),
+    "tool_choice": ((None, "none"), "leave it out"),
+    "response_format": ((None, {"type": "text"}), "only the text format is served"),
 }
-NOT_SUPPORTED = Field(default=None, description="not supported: only the default (off) is accepted")
+REFUSED_FIELD = Field(default=None, description="refused: only the default (off) is accepted")
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    """A request body: an undeclared field is a 400 naming it, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator(*REFUSED, check_fields=False)
+    @classmethod
+    def _off(cls, value: Any, info: ValidationInfo) -> Any:
+        off, why = REFUSED[info.field_name]
+        if value not in off:
+            raise unsupported(info.field_name, why)
+        return value
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict, SamplingControls):
     """What completions and chat share."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: Text = Field(description="a task id; 'base' or the backbone's name for the backbone alone")
     temperature: Temperature | None = Field(default=None, le=2.0, description="default 1; 0 = greedy")
@@ -51,26 +58,9 @@ class SamplingFields(BaseModel):
     stop: Text | list[Text] | None = Field(default=None, description="up to 16 stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, description="only 1")
+    n: int = Field(default=1, ge=1, description="choices per prompt, up to the server's max_n; they share one prefill")
     ignore_eos: bool = Field(default=False, description="extension: keep generating past EOS (benchmarks)")
     user: str | None = Field(default=None, description="accepted and ignored")
-    frequency_penalty: Any = NOT_SUPPORTED
-    presence_penalty: Any = NOT_SUPPORTED
-    logit_bias: Any = NOT_SUPPORTED
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator(*UNSUPPORTED, check_fields=False)
-    @classmethod
-    def _off(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in UNSUPPORTED[info.field_name]:
-            raise ValueError(f"{info.field_name!r} is not supported by this server; leave it out")
-        return value
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -85,40 +75,54 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={"examples": [{"model": "base", "prompt": "Once upon a time", "max_tokens": 8}]},
     )
 
-    prompt: Text | list[Text] = Field(description="a string, or a list of exactly one string")
-    max_tokens: int | None = Field(default=16, ge=1, description="default 16")
-    echo: Any = NOT_SUPPORTED
-    best_of: Any = NOT_SUPPORTED
-    suffix: Any = NOT_SUPPORTED
-    logprobs: Any = NOT_SUPPORTED
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
+    echo: bool = Field(default=False, description="the prompt before the completion (with its log-probabilities)")
+    max_tokens: int | None = Field(default=16, ge=0, description="default 16; 0 with echo scores the prompt")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="each token's log-probability and this many alternatives"
+    )
+    best_of: Any = REFUSED_FIELD
+    suffix: Any = REFUSED_FIELD
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _generates_or_echoes(cls, max_tokens: int | None, info: ValidationInfo) -> int | None:
+        if max_tokens == 0 and not info.data.get("echo"):
+            raise ValueError("0 generates nothing: it scores the prompt, with echo")
+        return max_tokens
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("only one prompt per request: a string, or a list of one string")
+    def _some_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
+            raise ValueError("an empty list is no prompt")
         return prompt
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[dict]:
+        """Each prompt as `start_choices` takes it: `{"prompt": text}` or `{"prompt_ids": ids}`, in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [{"prompt": prompt}]
+        if isinstance(prompt[0], int):
+            return [{"prompt_ids": prompt}]
+        return [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompt]
 
 
-class ContentPart(BaseModel):
+class ContentPart(Strict):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart]
-    name: str | None = Field(default=None, description="accepted and ignored")
+    name: str | None = Field(default=None, description="accepted; the chat template does not render it")
 
     def native(self) -> dict[str, str]:
         """What the chat template takes: developer messages are system messages; text parts are joined."""
@@ -128,7 +132,6 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [{"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}]
         },
@@ -137,11 +140,24 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="default: what the context leaves")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="wins over max_tokens")
-    logprobs: Any = NOT_SUPPORTED
-    top_logprobs: Any = NOT_SUPPORTED
-    tools: Any = NOT_SUPPORTED
-    tool_choice: Any = NOT_SUPPORTED
-    response_format: Any = NOT_SUPPORTED
+    logprobs: bool | None = Field(default=None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many alternatives per token"
+    )
+    tools: Any = REFUSED_FIELD
+    tool_choice: Any = REFUSED_FIELD
+    response_format: Any = REFUSED_FIELD
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """Alternatives per token when log-probabilities are asked for, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def limit(self) -> int | None:
@@ -154,11 +170,18 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the prompt's first token (echo)")
+    top_logprobs: list[dict[str, float] | None] = Field(description="the most likely tokens and the chosen one")
+    text_offset: list[int] = Field(description="where each token starts in the choice's text")
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -178,11 +201,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float = Field(description="under the task's distribution, before temperature, top-k/top-p")
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -208,7 +246,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -132,6 +132,13 @@ class Backbone:
             return frozenset()
         return frozenset([ids] if isinstance(ids, int) else ids)
 
+    def linear_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A linear layer's frozen (weight [out, in], bias [out] or None), whatever its stored layout."""
+        module = self.model.get_submodule(name)
+        shape = self.geometry.linear_modules[name]
+        weight = module.weight.T if shape.transposed else module.weight
+        return weight, module.bias
+
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -189,7 +196,7 @@ def _converted_default(cache_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader already dequantised every weight to fp32; dropping the quantizer makes it
-    # serialisable, losslessly (PEFT-SEMANTICS §7.2).
+    # serialisable, losslessly (docs/adapters.md, "Traps").
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -35,6 +35,10 @@ class StepInputs:
     adapters: AdapterStep | None
     sampled: tuple[Generation, ...]  # rows whose last pending input is computed this step: they sample
     sample_index: torch.Tensor  # [sampled] long: the packed input whose logits each samples from
+    # prompt log-probabilities, for rows that asked: the packed inputs that predict a prompt token, and those tokens
+    scored: tuple[Chunk, ...] = ()  # (row, how many of its prompt tokens are scored this step), in packed order
+    score_index: torch.Tensor | None = None  # [scored tokens] long
+    score_targets: torch.Tensor | None = None  # [scored tokens] long: the prompt token each input predicts
 
 
 class Batch:
@@ -59,8 +63,32 @@ class Batch:
             row.kv_slots = torch.empty(0, dtype=torch.long, device=self.pool.device)
         self.rows.append(row)
 
+    def fork(self, parent: Generation) -> list[Generation]:
+        """Join `parent`'s choices, now that its prompt is computed, sharing its prompt's KV: the blocks holding
+        all but its last input go to a shared entry that each choice reads from; each recomputes that last input
+        into blocks of its own (one input, so it has logits to sample from) and generates from there."""
+        children, parent.children = parent.children, []
+        if not children:
+            return []
+        borrowed = parent.prompt_inputs - 1  # inputs the children read from the parent
+        shared_blocks = self.pool.blocks_for(borrowed)
+        key = f"fork:{parent.request.request_id}"
+        self.pool.share(key, parent.blocks[:shared_blocks], users=1 + len(children))
+        parent.blocks = parent.blocks[shared_blocks:]
+        parent.shared_inputs, parent.fork_key = shared_blocks * self.pool.block_size, key
+        head = parent.kv_slots[: parent.prefix_len + borrowed]  # [prefix + borrowed]: adapter prefix, then prompt
+        for child in children:
+            if child.adapter is not None and child.adapter.prefix_kv is not None:
+                self.pool.acquire_prefix(child.adapter.key, child.adapter.prefix_kv)  # one more user of it
+            child.kv_slots = head.clone()
+            child.borrowed = child.shared_inputs = child.computed = borrowed
+            child.prompt_logprobs = list(parent.prompt_logprobs)
+            child.fork_key = key
+            self.rows.append(child)
+        return children
+
     def drop(self, row: Generation) -> None:
-        """Leave: the row's blocks go back to the pool."""
+        """Leave: the row's blocks go back to the pool, and its hold on what it shares."""
         self.rows.remove(row)
         if not self.rows:
             self._adapters = None  # nothing runs: nothing to keep gathered
@@ -68,6 +96,9 @@ class Batch:
         row.blocks = []
         if row.adapter is not None and row.adapter.prefix_kv is not None:
             self.pool.release_prefix(row.adapter.key)
+        if row.fork_key is not None:
+            self.pool.release_prefix(row.fork_key)
+            row.fork_key = None
         row.kv_slots = None
 
     @property
@@ -88,6 +119,9 @@ class Batch:
         prefill_rows: list[tuple[int, int, torch.Tensor]] = []
         sampled: list[Generation] = []
         sample_index: list[int] = []
+        scored: list[Chunk] = []
+        score_index: list[int] = []
+        score_targets: list[int] = []
         for row, n in rows:
             start, first = len(ids), row.computed
             self._reserve(row, first + n)
@@ -107,6 +141,13 @@ class Batch:
             if first + n == row.inputs:
                 sampled.append(row)
                 sample_index.append(start + n - 1)
+            if row.sampling.prompt_logprobs is not None:
+                # input i predicts input i + 1: the prompt's inputs before its last predict its tokens after the first
+                lo, hi = max(first, row.soft_len), min(first + n, row.prompt_inputs - 1)
+                if lo < hi:
+                    scored.append((row, hi - lo))
+                    score_index += range(start + lo - first, start + hi - first)
+                    score_targets += row.prompt_ids[lo + 1 - row.soft_len : hi + 1 - row.soft_len]
         slot_mapping = torch.cat(slot_parts)
         spans = [(r.adapter, n) for r, n in rows]
         self._adapters = AdapterStep.build(spans, self.adapter_pool, self.lora_backend, previous=self._adapters)
@@ -120,11 +161,14 @@ class Batch:
             adapters=self._adapters,
             sampled=tuple(sampled),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+            scored=tuple(scored),
+            score_index=torch.tensor(score_index, dtype=torch.long, device=device) if scored else None,
+            score_targets=torch.tensor(score_targets, dtype=torch.long, device=device) if scored else None,
         )
 
     def _reserve(self, row: Generation, inputs: int) -> None:
-        """Enough own blocks for `inputs` computed inputs."""
-        missing = self.pool.blocks_for(inputs) - len(row.blocks)
+        """Enough own blocks for `inputs` computed inputs (past those whose slots lie in shared blocks)."""
+        missing = self.pool.blocks_for(inputs - row.shared_inputs) - len(row.blocks)
         if missing > 0:
             blocks, slots = self.pool.allocate(missing)
             row.blocks += blocks

@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
+        include_stop: bool = False,
     ) -> None:
         if isinstance(stop, str):
             raise ValueError("stop must be a sequence of strings, not a single str")
@@ -35,6 +36,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(stop)
+        self.include_stop = include_stop  # the text keeps the stop string that ends it
         self.token_ids: list[int] = []
         """Generated ids so far (prompt ids excluded)."""
 
@@ -105,6 +107,8 @@ class IncrementalDetokenizer:
         """Move the part of the pending text that no stop string can claim into the output."""
         cut = self._first_stop_index()
         if cut is not None:
+            if self.include_stop:
+                cut += max(len(s) for s in self._stop if self._pending.startswith(s, cut))
             delta, self._pending, self._stopped = self._pending[:cut], "", True
         else:
             end = len(self._pending) - (0 if final else self._stop_prefix_len())

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +26,7 @@ from server.config import EngineSettings
 from server.engine.backbone import Backbone
 from server.engine.batch import Batch
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.generation import Generation, Sink
+from server.engine.generation import Generation, Sink, shared_leases
 from server.engine.kv_cache import KVPool
 from server.engine.request import (
     BASE_TASK,
@@ -38,6 +38,7 @@ from server.engine.request import (
 )
 from server.engine.residency import Lease, Residency
 from server.engine.runner import ModelRunner, RunnerOutput
+from server.engine.sampling import SEED_LIMIT
 from server.engine.scheduler import SchedulerLimits, StepPlan, reserved_blocks, schedule
 from server.engine.waiting import WaitingQueue
 
@@ -150,21 +151,30 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink: Sink, lease: Lease | None = None) -> Generation:
+    def submit(
+        self, request: GenerationRequest, sink: Sink, lease: Lease | None = None, choices: Sequence[Sink] = ()
+    ) -> Generation:
         """Queue a request; bad input or a full queue raise here and leave the running batch alone.
 
         `sink` receives token ids (no text) on the engine thread. `lease` pins the task's adapter (see
-        `Residency.acquire_async`); without one, the adapter is acquired here, waiting for a load.
+        `Residency.acquire_async`); without one, the adapter is acquired here, waiting for a load. A request for
+        n > 1 choices gives a sink for each of the others in `choices`: their rows fork from this one.
         """
         if self._stopping.is_set():
             raise EngineStopped("the engine has stopped")
+        n = request.sampling.n
+        if len(choices) != n - 1:
+            raise ValueError(f"n={n} choices need {n - 1} more sinks, got {len(choices)}")
         lease = lease or self.residency.acquire(self.resolve(request.task_id))
-        row = Generation(request, lease, sink, self.backbone.eos_token_ids, self.backbone.device)
+        leases = shared_leases(lease, n) if n > 1 else [lease]
+        row = self._row(request, leases[0], sink)
+        row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
         try:
             self._validate(row)
             self.waiting.push(row)
         except BaseException:
-            lease.release()
+            for held in leases:
+                held.release()
             raise
         self._wakeup.set()
         return row
@@ -182,24 +192,44 @@ class Engine:
         except TaskNotFound:
             raise UnknownTask(f"unknown task {task_id!r}") from None
 
+    def _row(self, request: GenerationRequest, lease: Lease, sink: Sink) -> Generation:
+        vocab, device = self.backbone.geometry.vocab_size, self.backbone.device
+        return Generation(request, lease, sink, self.backbone.eos_token_ids, device, vocab=vocab)
+
     def generate(self, request: GenerationRequest, lease: Lease | None = None) -> AsyncIterator[TokenDelta]:
         """Submit now (bad input and a full queue raise here), then stream text deltas in asyncio.
 
         Leaving the iteration early, or the task being cancelled, cancels the row.
         """
+        if request.sampling.n != 1:
+            raise ValueError("generate streams one choice: use generate_choices for n > 1")
+        return self.generate_choices(request, lease)[0]
+
+    def generate_choices(
+        self, request: GenerationRequest, lease: Lease | None = None
+    ) -> list[AsyncIterator[TokenDelta]]:
+        """`generate` for each of the request's n choices, in order: one stream each, closed independently."""
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        queues: list[asyncio.Queue[TokenDelta]] = [asyncio.Queue() for _ in range(request.sampling.n)]
+        rows: list[Generation] = []
 
-        def sink(delta: TokenDelta) -> None:
-            try:
-                loop.call_soon_threadsafe(deltas.put_nowait, delta)
-            except RuntimeError:  # the event loop is gone: nobody reads this row any more
-                row.cancel()
+        def sink_for(i: int) -> Sink:
+            def sink(delta: TokenDelta) -> None:
+                try:
+                    loop.call_soon_threadsafe(queues[i].put_nowait, delta)
+                except RuntimeError:  # the event loop is gone: nobody reads this row any more
+                    rows[i].cancel()
 
-        row = self.submit(request, sink, lease)
-        stream = _text_stream(deltas, row, self._detokenizer(request))
-        weakref.finalize(stream, row.cancel)  # a stream dropped before its first read never runs its finally
-        return stream
+            return sink
+
+        row = self.submit(request, sink_for(0), lease, choices=[sink_for(i) for i in range(1, len(queues))])
+        rows += [row, *row.children]
+        streams = []
+        for deltas, choice in zip(queues, rows):
+            stream = _text_stream(deltas, choice, self._detokenizer(request))
+            weakref.finalize(stream, choice.cancel)  # a stream dropped before its first read never runs its finally
+            streams.append(stream)
+        return streams
 
     def complete(self, request: GenerationRequest, timeout: float | None = None) -> TokenDelta:
         """Blocking convenience: run one request to the end and return its whole output as one delta."""
@@ -215,12 +245,20 @@ class Engine:
             token_ids=[t for d in parts for t in d.token_ids],
             text="".join(d.text for d in parts),
             logprobs=None if request.sampling.logprobs is None else [lp for d in parts for lp in d.logprobs or ()],
+            prompt_logprobs=parts[0].prompt_logprobs,
+            prompt_ids=parts[0].prompt_ids,
         )
 
     def _detokenizer(self, request: GenerationRequest) -> IncrementalDetokenizer | None:
-        tokenizer = self.backbone.tokenizer
-        return (
-            None if tokenizer is None else IncrementalDetokenizer(tokenizer, request.prompt_ids, request.sampling.stop)
+        tokenizer, sampling = self.backbone.tokenizer, request.sampling
+        if tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            tokenizer,
+            request.prompt_ids,
+            sampling.stop,
+            skip_special_tokens=sampling.skip_special_tokens,
+            include_stop=sampling.include_stop_str_in_output,
         )
 
     def _validate(self, row: Generation) -> None:
@@ -230,6 +268,15 @@ class Engine:
         vocab = self.backbone.geometry.vocab_size
         if not all(0 <= t < vocab for t in row.prompt_ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})")
+        for name, ids in (
+            ("stop_token_ids", sampling.stop_token_ids),
+            ("logit_bias", (t for t, _ in sampling.logit_bias)),
+        ):
+            if not all(0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"{name}: token ids must lie in [0, {vocab})")
+        n, most = sampling.n, min(self.settings.max_n, self.settings.max_batch_size)
+        if n > most:
+            raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt")
         asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
         if asked > allowed:
             raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
@@ -326,18 +373,31 @@ class Engine:
                 rows=tuple(r for _, o in parts for r in o.rows),
                 tokens=tuple(t for _, o in parts for t in o.tokens),
                 logprobs=tuple(lp for _, o in parts for lp in o.logprobs),
+                prompt_logprobs=tuple(lp for _, o in parts for lp in o.prompt_logprobs),
             )
 
     def _update(self, done: Iterable[tuple[Generation, int]], output: RunnerOutput) -> None:
         for row, n in done:
             row.computed += n
+        for row, scored in output.prompt_logprobs:
+            row.prompt_logprobs += scored
         self.waiting.charge(Counter(row.request.task_id for row in output.rows))
         for row, token, logprob in zip(output.rows, output.tokens, output.logprobs):
+            if row.children:  # its prompt is computed: its other choices fork from it now
+                self._fork(row)
             delta = row.accept(token, logprob)
             if delta.finish_reason is not None:
                 self._finish(row, delta.finish_reason, delta=delta)
             else:
                 self._emit(row, delta)
+
+    def _fork(self, row: Generation) -> None:
+        gone = [child for child in row.children if child.cancelled]
+        row.children = [child for child in row.children if not child.cancelled]
+        for child in gone:
+            child.lease.release()
+            child.end("cancelled")
+        self.batch.fork(row)
 
     def _finish(self, row: Generation, reason, error: str | None = None, delta: TokenDelta | None = None) -> None:
         """Drop a row from the batch, release its task, close its stream."""
@@ -363,15 +423,26 @@ class Engine:
             row.cancel()
 
 
+def _choice(request: GenerationRequest, i: int) -> GenerationRequest:
+    """The i-th of a request's n choices: one row, its own seed (seed + i) so that choices differ."""
+    seed = request.sampling.seed
+    sampling = replace(request.sampling, n=1, seed=None if seed is None else (seed + i) % SEED_LIMIT)
+    return replace(request, sampling=sampling, request_id=f"{request.request_id}-{i}")
+
+
 def _with_text(
     deltas: Iterator[TokenDelta], row: Generation, detokenizer: IncrementalDetokenizer | None
 ) -> Iterator[TokenDelta]:
-    """Token deltas with their text; a stop string ends the stream (and cancels the row)."""
+    """Token deltas with their text; a stop string ends the stream (and cancels the row). The token that ends a
+    row (EOS, a stop token) shows no text unless the request includes what stopped it."""
     for delta in deltas:
         if detokenizer is None:
             yield delta
         else:
-            text = "".join(detokenizer.push(t) for t in delta.token_ids)
+            shown = delta.token_ids
+            if delta.finish_reason == "stop" and not detokenizer.include_stop:
+                shown = shown[:-1]
+            text = "".join(detokenizer.push(t) for t in shown)
             reason = "stop" if detokenizer.stopped else delta.finish_reason
             if reason is not None:
                 text += detokenizer.finish()

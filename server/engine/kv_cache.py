@@ -3,9 +3,10 @@
 Each layer's keys and values live in `[slots, kv_heads, head_dim]` buffers allocated once. A row
 owns blocks of `block_size` slots, taken as it grows and returned when it ends, so its KV costs
 what it holds and admitting a row copies nobody else's KV. A prefix several rows share (a prefix-
-tuning adapter's KV, a template's leading tokens) is written once into slots of its own and
-listed at the head of each of those rows' slots. Slot 0 is the null slot: always zeros, the
-padding that gathers read past a row's end (never stale memory, which could hold NaN).
+tuning adapter's KV, a template's leading tokens, a prompt that n choices fork from) is written
+once into slots of its own, listed at the head of each of those rows' slots, and freed with its
+last user. Slot 0 is the null slot: always zeros, the padding that gathers read past a row's end
+(never stale memory, which could hold NaN).
 
 The pool is reserved from `torch.empty`: on a CPU only the pages that rows touch become resident,
 and the free list hands out the lowest blocks first so they stay few.
@@ -99,6 +100,10 @@ class KVPool:
             shared = self._shared[key] = _SharedPrefix(slots=slots, blocks=blocks)
         shared.users += 1
         return shared.slots
+
+    def share(self, key: str, blocks: list[int], users: int) -> None:
+        """Hand `blocks` (already written) over to `users` holders; they go back when the last one releases."""
+        self._shared[key] = _SharedPrefix(slots=self.slots_of(blocks), blocks=blocks, users=users)
 
     def release_prefix(self, key: str) -> None:
         shared = self._shared[key]

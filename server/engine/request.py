@@ -18,7 +18,11 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError, ValueError):
-    """The request cannot be served as asked (HTTP 400)."""
+    """The request cannot be served as asked (HTTP 400); `param` names the field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownTask(EngineError, KeyError):
@@ -66,6 +70,9 @@ class TokenDelta:
     task_version: AdapterKey | None = None  # the task version the row ran on
     error: str | None = None  # set with finish_reason "error"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    # in the first delta, when the request asked: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_ids: tuple[int, ...] | None = None  # in the first delta: the tokens the row was prefilled with (echo)
 
     @property
     def fingerprint(self) -> str | None:

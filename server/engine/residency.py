@@ -92,8 +92,9 @@ class Residency:
         host_bytes: int = 4 << 30,
     ):
         self._backbone = backbone
-        self._placement = Placement(device=backbone.device, dtype=backbone.dtype)
-        self._on_cpu = Placement(device=torch.device("cpu"), dtype=backbone.dtype)  # validation stays off the device
+        self._placement = Placement(backbone.device, backbone.dtype, base_linear=backbone.linear_weights)
+        # validation stays off the device
+        self._on_cpu = Placement(torch.device("cpu"), backbone.dtype, base_linear=backbone.linear_weights)
         self.pool = AdapterPool(backbone.geometry, backbone.device)  # where resident LoRA and IA³ weights live
         self.store = store if store is not None else MemoryStore()  # read here: a version's files, by key
         self.device_budget, self.host_budget = device_bytes, host_bytes

@@ -25,6 +25,8 @@ class RunnerOutput:
     rows: tuple[Generation, ...]
     tokens: tuple[int, ...]
     logprobs: tuple[TokenLogprob | None, ...]  # per row; None where the request did not ask
+    # rows that asked for prompt log-probabilities and scored some prompt tokens this step, in prompt order
+    prompt_logprobs: tuple[tuple[Generation, list[TokenLogprob]], ...] = ()
 
 
 class ModelRunner:
@@ -40,13 +42,22 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, batch: Batch) -> RunnerOutput:
         inputs = batch.prepare(plan.chunks)
-        logits = self.forward(inputs)  # [sampled, vocab] fp32
+        keep = inputs.sample_index
+        if inputs.score_index is not None:
+            keep = torch.cat([keep, inputs.score_index])
+        logits = self.forward(inputs, keep)  # [sampled + scored, vocab] fp32
         rows = inputs.sampled
-        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
-        return RunnerOutput(rows=rows, tokens=tuple(tokens.tolist()), logprobs=_logprobs(logits, rows, tokens))
+        logits, score_logits = logits[: len(rows)], logits[len(rows) :]
+        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.history for r in rows])
+        return RunnerOutput(
+            rows=rows,
+            tokens=tuple(tokens.tolist()),
+            logprobs=_logprobs(logits, rows, tokens),
+            prompt_logprobs=_prompt_logprobs(score_logits, inputs),
+        )
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [sampled, vocab] fp32 at the inputs rows sample from; every row's new KV is written."""
+    def forward(self, inputs: StepInputs, keep: torch.Tensor) -> torch.Tensor:
+        """Logits [kept, vocab] fp32 at the packed inputs `keep` [kept]; every row's new KV is written."""
         embeds = self.backbone.embedding(inputs.token_ids)  # [tokens, hidden]
         if inputs.soft_index is not None:
             embeds.index_copy_(0, inputs.soft_index, inputs.soft_embeds.to(embeds.dtype))
@@ -55,7 +66,7 @@ class ModelRunner:
                 inputs_embeds=embeds[None],
                 position_ids=inputs.positions[None],
                 use_cache=False,
-                logits_to_keep=inputs.sample_index,
+                logits_to_keep=keep,
                 **{attention.PLAN_KWARG: inputs.attention},
             )
         return out.logits[0].float()
@@ -72,15 +83,38 @@ def _logprobs(logits: torch.Tensor, rows, tokens: torch.Tensor) -> tuple[TokenLo
     """The chosen token's raw log-probability (and the top-k) for the rows that asked."""
     wanted = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(rows)
-    if not wanted:
-        return tuple(out)
-    index = torch.tensor(wanted, device=logits.device)
-    logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [wanted, vocab]
-    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
-    k = max(rows[i].sampling.logprobs for i in wanted)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    for j, i in enumerate(wanted):
-        n = rows[i].sampling.logprobs
-        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist()))
-        out[i] = TokenLogprob(token=int(tokens[i]), logprob=chosen[j], top=top)
+    if wanted:
+        index = torch.tensor(wanted, device=logits.device)
+        scored = token_logprobs(
+            logits.index_select(0, index), tokens.index_select(0, index), [rows[i].sampling.logprobs for i in wanted]
+        )
+        for i, logprob in zip(wanted, scored):
+            out[i] = logprob
     return tuple(out)
+
+
+def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> tuple[tuple[Generation, list[TokenLogprob]], ...]:
+    """Each scored row's prompt tokens of this step with their log-probabilities (logits [scored tokens, vocab])."""
+    if inputs.score_targets is None:
+        return ()
+    tops = [row.sampling.prompt_logprobs for row, n in inputs.scored for _ in range(n)]
+    scored = token_logprobs(logits, inputs.score_targets, tops)
+    out, start = [], 0
+    for row, n in inputs.scored:
+        out.append((row, scored[start : start + n]))
+        start += n
+    return tuple(out)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
+    """logits [m, vocab] fp32, tokens [m] -> each token's log-probability under its row of logits, with that
+    row's `tops[i]` most likely tokens: one log_softmax and one topk for all m rows."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [m, vocab]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # [m]
+    k = max(tops, default=0)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())  # [m, k]
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(token=token, logprob=chosen[j], top=tuple(zip(top_ids[j][:n], top_values[j][:n])))
+        for j, (token, n) in enumerate(zip(tokens.tolist(), tops))
+    ]

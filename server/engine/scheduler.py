@@ -8,7 +8,8 @@ alongside the decoding rows.
 
 A row reserves the KV it may hold at its longest (prompt, soft prompt, prefix and every token it
 may generate) when admitted, so a running row never runs out of KV; the blocks themselves are
-only taken as the row writes them.
+only taken as the row writes them. A request for n choices is admitted as n rows: the rows it
+forks once its prompt is computed are reserved with it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class Schedulable(Protocol):
 
     @property
     def prefix_len(self) -> int: ...  # shared prefix KV columns
+
+    @property
+    def forks(self) -> int: ...  # rows to fork from it when its prompt is computed (n > 1)
+
+    @property
+    def fork_kv_tokens(self) -> int: ...  # own KV columns each of those may hold at its longest
 
     cancelled: bool
 
@@ -65,8 +72,14 @@ class StepPlan:
 
 
 def reserved_blocks(row: Schedulable, block_size: int) -> int:
-    """KV blocks a row reserves: its own columns at their longest, plus its prefix."""
-    return math.ceil(row.kv_tokens / block_size) + math.ceil(row.prefix_len / block_size)
+    """KV blocks a row reserves: its own columns at their longest, plus its prefix; and as much for each row it
+    will fork, so that forking never takes more than was reserved."""
+    prefix = math.ceil(row.prefix_len / block_size)
+    return (
+        math.ceil(row.kv_tokens / block_size)
+        + prefix
+        + row.forks * (math.ceil(row.fork_kv_tokens / block_size) + prefix)
+    )
 
 
 def schedule(waiting: Iterable[Schedulable], running: Sequence[Schedulable], limits: SchedulerLimits) -> StepPlan:
@@ -93,12 +106,12 @@ def schedule(waiting: Iterable[Schedulable], running: Sequence[Schedulable], lim
             skipped.append(request)
             continue
         need = reserved_blocks(request, limits.block_size)
-        if budget <= 0 or rows >= limits.max_rows or reserved + need > limits.kv_blocks:
+        if budget <= 0 or rows + 1 + request.forks > limits.max_rows or reserved + need > limits.kv_blocks:
             break  # in order: a request that does not fit holds the ones behind it back
         n = min(request.pending, budget)
         admitted.append(request)
         chunks.append((request, n))
         budget -= n
         reserved += need
-        rows += 1
+        rows += 1 + request.forks
     return StepPlan(admitted=tuple(admitted), chunks=tuple(chunks), reserved_blocks=reserved, skipped=tuple(skipped))

@@ -298,7 +298,7 @@ def test_bad_safetensors_headers_are_refused(weights: bytes, message: str) -> No
         (b"not json", "not valid JSON"),
         (b"[]", "JSON object with a string peft_type"),
         (b'{"r": 4}', "string peft_type"),
-        (b'{"peft_type": "LOHA"}', r"'LOHA' is not served; served types: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LORA"),
+        (b'{"peft_type": "BOFT"}', r"'BOFT' is not served; served types: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LORA"),
     ],
 )
 def test_bad_configs_are_refused(config: bytes, message: str) -> None:

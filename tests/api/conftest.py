@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from live_server import ADMIN_KEY, INFERENCE_KEY, LiveServer, bearer
@@ -32,6 +33,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def http(live: LiveServer) -> Iterator[httpx.Client]:
     """A plain HTTP client on the live server, with the inference key."""
     with httpx.Client(base_url=live.url, headers=bearer(INFERENCE_KEY), timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(live: LiveServer) -> Iterator[openai.OpenAI]:
+    """The official `openai` client on the live server, with the inference key."""
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=INFERENCE_KEY, max_retries=0, timeout=120) as client:
         yield client
 
 

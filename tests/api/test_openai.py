@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import openai
 import pytest
-from live_server import INFERENCE_KEY
 
 from server.api.inference import room_for
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name one colour."}]
-
-
-@pytest.fixture(scope="module")
-def client(live) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=INFERENCE_KEY, max_retries=0, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +126,15 @@ def test_an_unknown_model_is_not_found(client, model):
 @pytest.mark.parametrize(
     ("params", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),  # the live server's batch holds 8 rows
+        ({"prompt": ["a"] * 5, "n": 2}, "prompt"),
+        ({"prompt": [], "n": 2}, "prompt"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 100_000}, None),
         ({"stop": [""]}, None),
-        ({"logprobs": 2}, "logprobs"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"logprobs": 21}, "logprobs"),
         ({"prompt": "x " * 9000}, None),
     ],
 )
@@ -152,8 +146,41 @@ def test_bad_parameters_are_bad_requests(client, params, param):
         assert caught.value.param == param
 
 
+@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_json"])
+def test_an_unknown_field_is_a_bad_request_naming_it(client, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x", max_tokens=2, extra_body={field: 1})
+    assert caught.value.param == field and caught.value.code == "unknown_parameter"
+    assert field in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=CHAT, max_tokens=2, extra_body={field: 1})
+    assert caught.value.param == field and caught.value.code == "unknown_parameter"
+
+
+def test_a_refused_field_passes_off_and_is_refused_on(client):
+    off = client.completions.create(model="base", prompt="x", max_tokens=2, best_of=1, suffix="")
+    assert off.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x", max_tokens=2, best_of=2)
+    assert caught.value.param == "best_of" and caught.value.code == "unsupported_parameter"
+    assert "n choices" in caught.value.message
+
+
+def test_an_unknown_field_inside_a_message_is_named(client):
+    message = {**CHAT[0], "tool_calls": []}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=[message], max_tokens=2)
+    assert caught.value.param == "messages.0.tool_calls" and caught.value.code == "unknown_parameter"
+
+
+def test_the_native_route_refuses_an_unknown_field(http):
+    response = http.post("/v1/tasks/base/generate", json={"prompt": "x", "max_new_tokens": 2, "mirostat": 1})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("mirostat: unknown parameter")
+
+
 def test_bad_chat_parameters_are_bad_requests(client):
-    for params in ({"messages": []}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"n": 3}):
+    for params in ({"messages": []}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"n": 0}):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(**{"model": "base", "messages": CHAT, **params})
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_llama
+from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_gpt2, tiny_llama
 from serving import files_of, peft_files, serve, tasks_of
 
 from adapters_store import AdapterKey
@@ -19,7 +19,7 @@ from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
-SERVED_TYPES = ("IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+SERVED_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,24 @@ def _drop_config(name: str):
     return edit
 
 
+def _drop_tensors(key_part: str):
+    def edit(config, tensors):
+        for key in [k for k in tensors if key_part in k]:
+            del tensors[key]
+
+    return edit
+
+
+def _add_bias(module: str):
+    """A trained base bias (bias='lora_only') for a layer of the llama backbone, which has none."""
+
+    def edit(config, tensors):
+        config["bias"] = "lora_only"
+        tensors[f"base_model.model.model.layers.0.self_attn.{module}.base_layer.bias"] = torch.zeros(64)
+
+    return edit
+
+
 def _add_tensor(key: str):
     def edit(config, tensors):
         tensors[key] = torch.zeros(4)
@@ -109,12 +127,30 @@ def _unchanged(config, tensors):
 REFUSALS = [
     *[
         (f"refused-{kind}", kind, "base", _unchanged, [field])
-        for kind, field in zip(
-            REFUSED_KINDS, ("use_dora=True", "bias='all'", "modules_to_save=['lm_head']"), strict=True
-        )
+        for kind, field in zip(REFUSED_KINDS, ("modules_to_save=['lm_head']",), strict=True)
     ],
-    ("dora-magnitude-without-use_dora", "dora", "base", _set(use_dora=False), ["lora_magnitude_vector", "DoRA"]),
-    ("unknown-peft-type", "lora_qv", "base", _set(peft_type="LOHA"), ["LOHA", *SERVED_TYPES]),
+    ("dora-magnitude-without-use_dora", "dora", "base", _set(use_dora=False), ["lora_magnitude_vector"]),
+    ("dora-without-magnitude", "dora", "base", _drop_tensors("lora_magnitude_vector"), ["lacks its lora_magnitude"]),
+    ("dora-with-lora_bias", "dora", "base", _set(lora_bias=True), ["use_dora", "lora_bias"]),
+    ("lora-bias-without-lora_bias", "lora_bias", "base", _set(lora_bias=False), ["lora_B.bias"]),
+    ("lora-without-lora_A", "lora_qv", "base", _drop_tensors("0.self_attn.q_proj.lora_A"), ["q_proj", "lora_A"]),
+    ("lora-bias-unknown", "lora_qv", "base", _set(bias="some"), ["bias='some'"]),
+    ("bias-on-a-layer-without-one", "lora_qv", "base", _add_bias("q_proj"), ["q_proj", "no bias to replace"]),
+    ("unknown-peft-type", "lora_qv", "base", _set(peft_type="BOFT"), ["BOFT", *SERVED_TYPES]),
+    ("adalora-without-E", "adalora", "base", _drop_tensors("0.self_attn.q_proj.lora_E"), ["q_proj", "lora_E"]),
+    ("adalora-mask-dropped", "adalora", "base", _set(rank_pattern={}), ["lora_A", "[6, 128]", "kept rank"]),
+    ("adalora-with-dora", "adalora", "base", _set(use_dora=True), ["use_dora=True", "AdaLoRA"]),
+    (
+        "loha-conv-tensor",
+        "loha",
+        "base",
+        _add_tensor("base_model.model.model.layers.0.mlp.up_proj.hada_t1"),
+        ["hada_t1"],
+    ),
+    ("loha-half-missing", "loha", "base", _drop_tensors("0.mlp.up_proj.hada_w2_b"), ["up_proj", "hada_w2_b"]),
+    ("loha-hidden-96", "loha", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
+    ("lokr-half-missing", "lokr", "base", _drop_tensors("0.mlp.down_proj.lokr_w2_b"), ["down_proj", "lokr_w2_b"]),
+    ("lokr-hidden-96", "lokr", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("lora-nan", "lora_qv", "base", _poison("lora_B", float("nan")), ["lora_B", "NaN or Inf"]),
@@ -166,9 +202,12 @@ def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, 
     assert again.version == 2  # no version was used up
 
 
-def test_served_kinds_load(geometry, adapters):
-    for kind in ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3"):
-        loaded = load_adapter(AdapterKey("t", 1), *read_peft_dir(adapters(kind)), geometry, CPU)
+def test_served_kinds_load(models, geometry, adapters):
+    backbone = Backbone(models["base"], None, name="tiny")
+    placement = Placement(CPU.device, CPU.dtype, base_linear=backbone.linear_weights)  # DoRA's norm reads W
+    kinds = ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3", "dora", "lora_bias")
+    for kind in (*kinds, "adalora", "loha", "lokr"):
+        loaded = load_adapter(AdapterKey("t", 1), *read_peft_dir(adapters(kind)), geometry, placement)
         assert loaded.parameters > 0, kind
 
 
@@ -268,3 +307,12 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     for layer in range(layers):
         assert torch.equal(cache.layers[layer].keys[0], loaded.prefix_kv[layer, 0])
         assert torch.equal(cache.layers[layer].values[0], loaded.prefix_kv[layer, 1])
+
+
+def test_bias_all_on_gpt2_is_refused_for_its_layer_norm_biases(tmp_path):
+    model = tiny_gpt2()
+    config, tensors = read_peft_dir(make_adapter(model, "lora_bias_all", tmp_path / "bias_all"))
+    residency = Residency(Backbone(model, None, name="tiny-gpt2"))
+    with pytest.raises(AdapterError, match=r"ln_1.bias.*layer norms.*bias='lora_only'"):
+        serve(residency, "task", files_of(config, tensors))
+    assert list(residency.store.iter_tasks()) == []

@@ -1,4 +1,4 @@
-"""On the real default model (SmolLM2-135M-Instruct): LoRA, prefix and prompt tuning against PEFT, mixed."""
+"""On the real default model (SmolLM2-135M-Instruct): every kind against PEFT, mixed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 
-KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3")
+KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3", "dora", "lora_bias", "adalora", "loha", "lokr")
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 12
 

@@ -237,13 +237,13 @@ async def test_leaving_the_stream_early_cancels_the_row(make_engine):
     generations: dict[str, Generation] = {}
     submit, forward = engine.submit, engine.runner.forward
 
-    def spy_submit(request, sink, lease=None):
-        generations[request.request_id] = submit(request, sink, lease)
+    def spy_submit(request, sink, lease=None, choices=()):
+        generations[request.request_id] = submit(request, sink, lease, choices)
         return generations[request.request_id]
 
-    def slow_forward(inputs):
+    def slow_forward(inputs, *rest):
         time.sleep(0.002)  # the long row cannot finish its 400 tokens before we leave
-        return forward(inputs)
+        return forward(inputs, *rest)
 
     engine.submit, engine.runner.forward = spy_submit, slow_forward
     engine.start()
@@ -317,11 +317,11 @@ def _poison(engine: Engine, fails) -> list[int]:
     """Make the forward raise whenever `fails(inputs)`; returns how many forwards ran."""
     forward, calls = engine.runner.forward, []
 
-    def faulty(inputs):
+    def faulty(inputs, *rest):
         calls.append(1)
         if fails(inputs):
             raise RuntimeError("injected fault")
-        return forward(inputs)
+        return forward(inputs, *rest)
 
     engine.runner.forward = faulty
     return calls
@@ -452,8 +452,8 @@ async def test_dropping_an_unread_stream_cancels_the_row(make_engine):
     generations: list[Generation] = []
     submit = engine.submit
 
-    def spy_submit(request, sink, lease=None):
-        generations.append(submit(request, sink, lease))
+    def spy_submit(request, sink, lease=None, choices=()):
+        generations.append(submit(request, sink, lease, choices))
         return generations[-1]
 
     engine.submit = spy_submit

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from server.engine.adapters import batched
-from server.engine.adapters.base import Ia3Module, LoadedAdapter, LoraModule
+from server.engine.adapters.base import LoadedAdapter, LoraModule
 from server.engine.adapters.batched import AdapterHooks, AdapterStep
 from server.engine.adapters.pool import AdapterPool, family_of
 from server.engine.backbone import Geometry, LinearShape
@@ -65,11 +65,19 @@ def _ia3(key: str, seed: int) -> LoadedAdapter:
     return LoadedAdapter(
         key=key,
         kind="ia3",
-        ia3={
-            "layers.0.up": Ia3Module(vector=torch.rand(16, generator=g) + 0.5, on_input=True),
-            "layers.1.down": Ia3Module(vector=torch.rand(8, generator=g) + 0.5, on_input=False),
-        },
+        scale_in={"layers.0.up": torch.rand(16, generator=g) + 0.5},
+        scale_out={"layers.1.down": torch.rand(8, generator=g) + 0.5},
     )
+
+
+def _scaled_lora(key: str, seed: int) -> LoadedAdapter:
+    """DoRA's form: a LoRA plus an output scale and shift on the same layer."""
+    adapter = _lora(key, {"layers.0.down": 2}, seed=seed, scaling=1.0)
+    g = torch.Generator().manual_seed(seed)
+    adapter.scale_out["layers.0.down"] = torch.rand(8, generator=g) + 0.5
+    adapter.shift_out["layers.0.down"] = torch.randn(8, generator=g)
+    adapter.shift_out["layers.1.up"] = torch.randn(24, generator=g)
+    return adapter
 
 
 ADAPTERS = {
@@ -77,6 +85,7 @@ ADAPTERS = {
     "b": lambda: _lora("b@1", {"layers.0.up": 5, "layers.0.down": 4}, seed=2, scaling=0.5),  # higher rank
     "c": lambda: _lora("c@1", {"layers.1.down": 1}, seed=3, scaling=1.5),  # one layer, rank 1
     "d": lambda: _ia3("d@1", seed=4),
+    "e": lambda: _scaled_lora("e@1", seed=5),
 }
 
 
@@ -97,7 +106,7 @@ def run(model, hooks, step, x):
 
 
 ROWS = {
-    "mixed": [("a", 3), (None, 2), ("b", 1), ("a", 2), ("d", 2), (None, 1), ("c", 4), ("a", 1)],
+    "mixed": [("a", 3), (None, 2), ("b", 1), ("a", 2), ("d", 2), (None, 1), ("c", 4), ("e", 2), ("a", 1)],
     "one adapter": [("b", 2), ("b", 3), ("b", 1)],  # every token carries LoRA on layer 0: no gather
     "one row": [(None, 2), ("c", 1), (None, 3)],
 }

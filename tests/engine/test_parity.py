@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, tiny_gpt2, tiny_llama
+from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, random_biases, tiny_gpt2, tiny_llama
 from serving import serve
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
@@ -18,7 +18,10 @@ from server.engine.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 8, 91, 4], [12, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 3], [44, 45, 46]]
 NEW_TOKENS = 12
-GPT2_KINDS = ("prompt", "prefix", "prefix_proj", "lora_qv", "lora_all", "lora_rslora", "lora_pattern", "ia3")
+GPT2_KINDS = (
+    *("prompt", "prefix", "prefix_proj", "lora_qv", "lora_all", "lora_rslora", "lora_pattern", "ia3"),
+    *("dora", "lora_bias", "lora_bias_only", "dora_bias"),  # GPT-2's layers have biases
+)
 
 
 def make_engine(model, adapter_dirs: dict[str, object], **settings) -> Engine:
@@ -117,13 +120,15 @@ def _tiny(config_class, **extra):
         eos_token_id=2,
         **extra,
     )
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    random_biases(model, seed=0)
+    return model
 
 
 @pytest.mark.parametrize("config_class", [Qwen2Config, MistralConfig], ids=["qwen2", "mistral"])
 def test_other_llama_family_models_match_peft_in_a_mixed_batch(config_class, tmp_path):
     model = _tiny(config_class)
-    kinds = ("prefix", "prompt", "lora_all", "ia3")
+    kinds = ("prefix", "prompt", "lora_all", "ia3", "dora", "lora_bias_all", "dora_bias")  # Qwen2: q/k/v biases
     dirs = {kind: make_adapter(model, kind, tmp_path / kind, seed=i) for i, kind in enumerate(kinds)}
     engine = make_engine(model, dirs)
     generations = {

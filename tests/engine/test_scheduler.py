@@ -19,6 +19,8 @@ class R:
     kv_tokens: int = 32  # own KV at its longest: 2 blocks of 16
     prefix_len: int = 0
     cancelled: bool = False
+    forks: int = 0  # rows it forks when its prompt is computed
+    fork_kv_tokens: int = 0
 
 
 def decoding(name: str) -> R:

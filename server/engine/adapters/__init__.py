@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from adapters_store import AdapterKey
-from server.engine.adapters import ia3, lora, prefix, prompt  # noqa: F401  (each registers its kind)
+from server.engine.adapters import adalora, ia3, lora, lycoris, prefix, prompt  # noqa: F401  (each registers its kind)
 from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
 from server.engine.backbone import Geometry
 

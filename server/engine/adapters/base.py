@@ -7,6 +7,7 @@ tensors once. Nothing from PEFT travels further into the engine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,10 +31,7 @@ class LoraModule:
     scaling: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) for rsLoRA
 
 
-@dataclass(frozen=True)
-class Ia3Module:
-    vector: torch.Tensor  # [in_features] if on_input else [out_features]
-    on_input: bool  # feed-forward modules scale the layer's input, the others its output
+VECTOR_SIDES = ("scale_in", "scale_out", "shift_out")  # the per-layer vectors, in `LoadedAdapter` and `PoolSlots`
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,9 @@ class PoolSlots:
     """Where a resident adapter's per-layer weights sit in the device pool: family -> slot."""
 
     lora: dict[str, int] = field(default_factory=dict)
-    ia3_in: dict[str, int] = field(default_factory=dict)
-    ia3_out: dict[str, int] = field(default_factory=dict)
+    scale_in: dict[str, int] = field(default_factory=dict)
+    scale_out: dict[str, int] = field(default_factory=dict)
+    shift_out: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,16 +49,22 @@ class LoadedAdapter:
     """One task version's parameters on the device, in the form the engine applies them.
 
     Prefill-only parts shape how a row starts; per-step parts are read by the
-    patched linear layers at every forward.
+    patched linear layers at every forward. Every per-layer kind is one form:
+
+        y = base(x * scale_in) * scale_out + shift_out + sum of LoRA terms  s * B (A x)
+
+    (IA³: a scale; DoRA: a scale, a shift and a LoRA; LoRA biases and trained base biases: a shift).
     """
 
     key: AdapterKey  # immutable identity (task, version); caches key on it
     kind: str
     soft_prompt: torch.Tensor | None = None  # [virtual_tokens, hidden]
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, virtual_tokens, head_dim]
-    # per-step weights, parsed on the host; `AdapterPool.install` moves them into `slots` on the device
-    lora: dict[str, LoraModule] = field(default_factory=dict)  # by module name
-    ia3: dict[str, Ia3Module] = field(default_factory=dict)  # by module name
+    # per-step weights by module name, parsed on the host; `AdapterPool.install` moves them into `slots`
+    lora: dict[str, LoraModule] = field(default_factory=dict)
+    scale_in: dict[str, torch.Tensor] = field(default_factory=dict)  # [in_features]
+    scale_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [out_features]
+    shift_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [out_features]
     slots: PoolSlots | None = None
     pooled_bytes: int = 0  # the per-step weights' bytes, once they live in the pool
     # template tasks: the fixed leading tokens, whose KV the engine computes once into `prefix_kv`
@@ -79,23 +84,27 @@ class LoadedAdapter:
         return len(self.template_ids) if self.prefix_kv is None else self.prefix_kv.shape[3]
 
     @property
+    def has_layer_weights(self) -> bool:
+        """Whether per-layer weights are still held here, on the host, rather than in the pool."""
+        return bool(self.lora or any(getattr(self, side) for side in VECTOR_SIDES))
+
+    @property
     def per_step(self) -> bool:
-        """Whether every forward must apply this adapter (LoRA, IA³), not only the prefill."""
-        return bool(self.lora or self.ia3 or self.slots)
+        """Whether every forward must apply this adapter (LoRA family, IA³), not only the prefill."""
+        return self.has_layer_weights or self.slots is not None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        tensors = [t for t in (self.soft_prompt, self.prefix_kv) if t is not None]
+        tensors += [t for m in self.lora.values() for t in (m.a, m.b)]
+        return tensors + [t for side in VECTOR_SIDES for t in getattr(self, side).values()]
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.soft_prompt, self.prefix_kv]
-        tensors += [t for m in self.lora.values() for t in (m.a, m.b)]
-        tensors += [m.vector for m in self.ia3.values()]
-        return self.pooled_bytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return self.pooled_bytes + sum(t.numel() * t.element_size() for t in self._tensors())
 
     @property
     def parameters(self) -> int:
-        tensors = [self.soft_prompt, self.prefix_kv]
-        tensors += [t for m in self.lora.values() for t in (m.a, m.b)]
-        tensors += [m.vector for m in self.ia3.values()]
-        return sum(t.numel() for t in tensors if t is not None)
+        return sum(t.numel() for t in self._tensors())
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype  # the backbone's dtype; LoRA and IA³ stay fp32 as PEFT upcasts them
+    # the backbone's frozen linear layer by module name -> (weight [out, in], bias [out] or None): DoRA's norm
+    # and trained biases are relative to it
+    base_linear: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 class AdapterKind(Protocol):
@@ -141,6 +153,20 @@ def refuse_unless(raw: Mapping[str, Any], name: str, ok: Callable[[Any], bool], 
         raise AdapterError(f"adapter_config.json: {name}={raw[name]!r} is not supported; {advice}")
 
 
+def require_layer_task(raw: Mapping[str, Any]) -> None:
+    """Per-layer kinds apply to any causal LM whatever task_type says, but never to another task's model."""
+    if raw.get("task_type") not in (None, "CAUSAL_LM"):
+        raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
+
+
+def rank_and_alpha(raw: Mapping[str, Any], alpha_field: str) -> tuple[int, float]:
+    """`r` and its alpha (`lora_alpha`, or LyCORIS's `alpha`), with PEFT's defaults of 8."""
+    r, alpha = raw.get("r", 8), raw.get(alpha_field, 8)
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float):
+        raise AdapterError(f"adapter_config.json: r={r!r} and {alpha_field}={alpha!r} must be positive numbers")
+    return r, float(alpha)
+
+
 def is_empty(value: Any) -> bool:
     return value in (None, False, "", [], {}, "none")
 
@@ -171,5 +197,51 @@ def split_module_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
             return key[len(MODULE_PREFIX) : -len(suffix) - 1], suffix
     raise AdapterError(
         f"tensor {key!r} is not one we serve (expected '{MODULE_PREFIX}<module>.' + one of {list(suffixes)}); "
-        "DoRA magnitudes, modules_to_save copies and trained biases are not supported"
+        "modules_to_save copies and other extra tensors are not served"
     )
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key for `rank_pattern` / `alpha_pattern`: the first pattern matching a dotted suffix of
+    the module name wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def module_tensors(
+    tensors: Mapping[str, torch.Tensor], suffixes: tuple[str, ...], geometry: Geometry, what: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {suffix: tensor} for a per-layer kind; refuses unknown keys, NaN/Inf and non-linear targets."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in sorted(tensors.items()):
+        module, suffix = split_module_key(name, suffixes)
+        check_finite(name, tensor)
+        if module not in geometry.linear_modules:
+            raise AdapterError(f"{what} targets {module!r}, which is not a linear layer of this backbone")
+        parts.setdefault(module, {})[suffix] = tensor.to(torch.float32)  # PEFT runs adapters in fp32
+    if not parts:
+        raise AdapterError(f"adapter_model.safetensors holds no {what} tensors")
+    return parts
+
+
+def require_tensors(module: str, part: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    missing = [name for name in names if name not in part]
+    if missing:
+        raise AdapterError(f"module {module!r} lacks {missing}")
+
+
+def low_rank(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) for the delta `b @ a` in the LoRA pool: as given, or dense when that is no larger.
+
+    b [out, k], a [k, in]. Once k reaches min(out, in) the factors are no cheaper than the delta itself, so the delta
+    is stored whole, as an identity times it (rank min(out, in)).
+    """
+    out_features, in_features = b.shape[0], a.shape[1]
+    if b.shape[1] < min(out_features, in_features):
+        return a, b
+    delta = b @ a  # [out, in]
+    if out_features <= in_features:
+        return delta, torch.eye(out_features)
+    return torch.eye(in_features), delta

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from server.engine.adapters.base import LoadedAdapter
+from server.engine.adapters.base import VECTOR_SIDES, LoadedAdapter
 from server.engine.adapters.pool import AdapterPool, LoraFamily
 
 LoraBackendName = Literal["auto", "gathered", "segmented", "loop"]
@@ -78,8 +78,8 @@ class AdapterStep:
     """What every adaptable layer applies in one step, by family."""
 
     lora: dict[str, LoraStep]
-    ia3_in: dict[str, torch.Tensor]  # family -> [layers, tokens, in]: each token's IA³ input scale (1: none)
-    ia3_out: dict[str, torch.Tensor]  # family -> [layers, tokens, out]
+    # side -> family -> [layers, tokens, width]: each token's vector (neutral where its row has none)
+    vectors: dict[str, dict[str, torch.Tensor]]
 
     @classmethod
     def build(
@@ -106,18 +106,18 @@ class AdapterStep:
             rows = [(slots.lora[family], s, n) for slots, s, n in placed if family in slots.lora]
             before = previous.lora.get(family) if previous is not None else None
             lora[family] = _lora_step(pool.lora[family], rows, total, device, backend, before)
-        ia3 = []
-        for side, table in (("ia3_in", pool.ia3_in), ("ia3_out", pool.ia3_out)):
-            families = sorted({f for slots, _, _ in placed for f in getattr(slots, side)})
+        vectors: dict[str, dict[str, torch.Tensor]] = {}
+        for side in VECTOR_SIDES:
             per_token = {}
-            for family in families:
+            for family in sorted({f for slots, _, _ in placed for f in getattr(slots, side)}):
                 token_slots = [0] * total
                 for slots, s, n in placed:
                     if family in getattr(slots, side):
                         token_slots[s : s + n] = [getattr(slots, side)[family]] * n
-                per_token[family] = table[family].vectors.index_select(1, torch.tensor(token_slots, device=device))
-            ia3.append(per_token)
-        return cls(lora=lora, ia3_in=ia3[0], ia3_out=ia3[1])
+                table = pool.vectors[side][family].vectors
+                per_token[family] = table.index_select(1, torch.tensor(token_slots, device=device))
+            vectors[side] = per_token
+        return cls(lora=lora, vectors=vectors)
 
 
 def _lora_step(family, rows, total, device, backend: LoraBackendName, before: LoraStep | None) -> LoraStep:
@@ -217,20 +217,25 @@ class AdapterHooks:
 
     def _scale_input(self, family: str, layer: int, module: nn.Module, args: tuple):
         step = self.current
-        if step is None or family not in step.ia3_in:
+        if step is None or family not in step.vectors["scale_in"]:
             return None
         x = args[0]  # [1, tokens, in]
-        return ((x * step.ia3_in[family][layer]).to(x.dtype), *args[1:])
+        return ((x * step.vectors["scale_in"][family][layer]).to(x.dtype), *args[1:])
 
     def _adapt_output(self, family: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
         step = self.current
-        if step is None or (family not in step.lora and family not in step.ia3_out):
+        if step is None:
+            return None
+        scale, shift = step.vectors["scale_out"].get(family), step.vectors["shift_out"].get(family)
+        lora = step.lora.get(family)
+        if scale is None and shift is None and lora is None:
             return None
         dtype = output.dtype
         out = output.float()  # [1, tokens, out]: the layer's fresh output (or an fp32 copy): ours to update
-        if family in step.ia3_out:
-            out[0] *= step.ia3_out[family][layer]
-        lora = step.lora.get(family)
+        if scale is not None:
+            out[0] *= scale[layer]
+        if shift is not None:
+            out[0] += shift[layer]
         if lora is not None:
             apply_lora(args[0][0].float(), out[0], self.pool.lora[family], layer, lora)
         return out.to(dtype)

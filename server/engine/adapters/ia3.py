@@ -2,7 +2,7 @@
 
 PEFT saves `ia3_l` as `[out, 1]` for ordinary targets and `[1, in]` for
 feed-forward ones; the saved orientation must agree with the config's
-`feedforward_modules` (PEFT-SEMANTICS §6).
+`feedforward_modules` (docs/adapters.md, "IA³").
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from server.engine.adapters.base import (
     AdapterError,
-    Ia3Module,
     LoadedAdapter,
     Placement,
     check_finite,
     is_empty,
     refuse_unless,
     register,
+    require_layer_task,
     split_module_key,
 )
 from server.engine.backbone import Geometry
@@ -43,8 +43,7 @@ class Ia3Kind:
     peft_types = ("IA3",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> Ia3Config:
-        if raw.get("task_type") not in (None, "CAUSAL_LM"):
-            raise AdapterError(f"adapter_config.json: task_type={raw['task_type']!r}; only CAUSAL_LM is served")
+        require_layer_task(raw)
         refuse_unless(raw, "modules_to_save", is_empty, "full module copies are not served")
         ff = raw.get("feedforward_modules") or ()
         return Ia3Config(feedforward_modules=ff if isinstance(ff, str) else tuple(ff))
@@ -57,7 +56,7 @@ class Ia3Kind:
         geometry: Geometry,
         placement: Placement,
     ) -> LoadedAdapter:
-        modules = {}
+        scale_in, scale_out = {}, {}
         for name, tensor in sorted(tensors.items()):
             module, _ = split_module_key(name, ("ia3_l",))
             check_finite(name, tensor)
@@ -72,10 +71,10 @@ class Ia3Kind:
                     f"tensor {name} has shape {list(tensor.shape)}, but {module} is {role} "
                     f"per feedforward_modules, so it must be {list(expected)}"
                 )
-            modules[module] = Ia3Module(vector=tensor.flatten().to(torch.float32), on_input=feedforward)
-        if not modules:
+            (scale_in if feedforward else scale_out)[module] = tensor.flatten().to(torch.float32)
+        if not scale_in and not scale_out:
             raise AdapterError("adapter_model.safetensors holds no ia3_l tensors")
-        return LoadedAdapter(key=key, kind="ia3", ia3=modules)
+        return LoadedAdapter(key=key, kind="ia3", scale_in=scale_in, scale_out=scale_out)
 
 
 register(Ia3Kind())

@@ -1,16 +1,17 @@
-"""Where resident LoRA and IA³ weights live on the device: a slot pool per family of layers.
+"""Where resident per-layer weights (LoRA family, IA³) live on the device: a slot pool per family of layers.
 
 A family is one linear layer of the decoder block across the whole stack
 (`model.layers.{}.self_attn.q_proj`). For each family the pool keeps one tensor per kind of
 weight, with a slot per resident adapter:
 
-    LoRA:  A [layers, slots, rank, in], B [layers, slots, out, rank], scaling [layers, slots]
-    IA³:   vectors [layers, slots, width]; slot 0 is all ones (no IA³)
+    LoRA:     A [layers, slots, rank, in], B [layers, slots, out, rank], scaling [layers, slots]
+    vectors:  [layers, slots, width], one table per side (`scale_in`, `scale_out`: slot 0 all ones;
+              `shift_out`: slot 0 all zeros), i.e. no change
 
 An adapter takes one slot in each family it touches when it becomes resident and gives it back
 when evicted, so its weights are held once, and a step tells each layer no more than a slot per
 row. Ranks below the family's largest are zero-padded (exact zeros in every sum), and a layer an
-adapter leaves alone keeps zeros (LoRA) or ones (IA³) at its slot. Slots and ranks grow on demand;
+adapter leaves alone keeps zeros (LoRA, shifts) or ones (scales) at its slot. Slots and ranks grow on demand;
 a grown tensor keeps every slot where it was, so a step that read the old one stays right.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from server.engine.adapters.base import LoadedAdapter, PoolSlots
+from server.engine.adapters.base import VECTOR_SIDES, LoadedAdapter, PoolSlots
 from server.engine.backbone import Geometry
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -127,23 +128,23 @@ class LoraFamily:
 
 
 class VectorFamily:
-    """One family's IA³ vectors (on its input or its output) for every resident adapter."""
+    """One family's vectors on one side (input scale, output scale or output shift) for every resident adapter."""
 
-    def __init__(self, layers: int, width: int, device: torch.device):
-        self.layers, self.width, self.device = layers, width, device
+    def __init__(self, layers: int, width: int, device: torch.device, neutral: float):
+        self.layers, self.width, self.device, self.neutral = layers, width, device, neutral
         self.slots = _Slots()
-        self.vectors = torch.ones(layers, 0, width, device=device)  # [layers, slots, width]
+        self.vectors = torch.full((layers, 0, width), neutral, device=device)  # [layers, slots, width]
 
     def install(self, vectors: dict[int, torch.Tensor]) -> int:
         slot = self.slots.take()
         if slot is None:
             capacity = max(4, 2 * self.slots.capacity)
-            grown = torch.ones(self.layers, capacity, self.width, device=self.device)
+            grown = torch.full((self.layers, capacity, self.width), self.neutral, device=self.device)
             grown[:, : self.slots.capacity] = self.vectors
             self.vectors = grown
             self.slots.grow(capacity)
             slot = self.slots.take()
-        self.vectors[:, slot] = 1.0
+        self.vectors[:, slot] = self.neutral
         for layer, vector in vectors.items():
             self.vectors[layer, slot] = vector
         return slot
@@ -154,6 +155,9 @@ class VectorFamily:
     @property
     def nbytes(self) -> int:
         return self.vectors.numel() * 4
+
+
+NEUTRAL = {"scale_in": 1.0, "scale_out": 1.0, "shift_out": 0.0}  # the value that changes nothing, per side
 
 
 class AdapterPool:
@@ -168,22 +172,17 @@ class AdapterPool:
             layers = max(self._shapes.get(family, (0, 0, 0))[0], layer + 1)
             self._shapes[family] = (layers, shape.in_features, shape.out_features)
         self.lora: dict[str, LoraFamily] = {}
-        self.ia3_in: dict[str, VectorFamily] = {}
-        self.ia3_out: dict[str, VectorFamily] = {}
+        self.vectors: dict[str, dict[str, VectorFamily]] = {side: {} for side in VECTOR_SIDES}  # side -> family ->
         self._lock = threading.Lock()
 
     def install(self, adapter: LoadedAdapter) -> LoadedAdapter:
-        """The adapter with its LoRA and IA³ weights moved into slots (its host copies dropped)."""
-        if not adapter.lora and not adapter.ia3:
+        """The adapter with its per-layer weights moved into slots (its host copies dropped)."""
+        if not adapter.has_layer_weights:
             return adapter
         lora: dict[str, dict[int, tuple]] = {}
         for name, module in adapter.lora.items():
             family, layer = self.layout[name]
             lora.setdefault(family, {})[layer] = (module.a, module.b, module.scaling)
-        ia3: dict[tuple[str, bool], dict[int, torch.Tensor]] = {}
-        for name, module in adapter.ia3.items():
-            family, layer = self.layout[name]
-            ia3.setdefault((family, module.on_input), {})[layer] = module.vector
         with self._lock:
             slots = PoolSlots()
             for family, modules in lora.items():
@@ -192,29 +191,33 @@ class AdapterPool:
                 slots.lora[family] = pooled.install(
                     {layer: (a.to(self.device), b.to(self.device), s) for layer, (a, b, s) in modules.items()}
                 )
-            for (family, on_input), vectors in ia3.items():
-                layers, fan_in, fan_out = self._shapes[family]
-                table = self.ia3_in if on_input else self.ia3_out
-                pooled = table.setdefault(family, VectorFamily(layers, fan_in if on_input else fan_out, self.device))
-                target = slots.ia3_in if on_input else slots.ia3_out
-                target[family] = pooled.install({layer: v.to(self.device) for layer, v in vectors.items()})
-        return replace(adapter, lora={}, ia3={}, slots=slots, pooled_bytes=adapter.nbytes)
+            for side in VECTOR_SIDES:
+                by_family: dict[str, dict[int, torch.Tensor]] = {}
+                for name, vector in getattr(adapter, side).items():
+                    family, layer = self.layout[name]
+                    by_family.setdefault(family, {})[layer] = vector.to(self.device)
+                for family, vectors in by_family.items():
+                    layers, fan_in, fan_out = self._shapes[family]
+                    width = fan_in if side == "scale_in" else fan_out
+                    table = self.vectors[side]
+                    pooled = table.setdefault(family, VectorFamily(layers, width, self.device, NEUTRAL[side]))
+                    getattr(slots, side)[family] = pooled.install(vectors)
+        empty = {side: {} for side in VECTOR_SIDES}
+        return replace(adapter, lora={}, **empty, slots=slots, pooled_bytes=adapter.nbytes)
 
     def release(self, adapter: LoadedAdapter) -> None:
         """Give the adapter's slots back; call only once no running row uses it."""
         if adapter.slots is None:
             return
         with self._lock:
-            for table, slots in (
-                (self.lora, adapter.slots.lora),
-                (self.ia3_in, adapter.slots.ia3_in),
-                (self.ia3_out, adapter.slots.ia3_out),
-            ):
-                for family, slot in slots.items():
-                    table[family].release(slot)
+            for family, slot in adapter.slots.lora.items():
+                self.lora[family].release(slot)
+            for side in VECTOR_SIDES:
+                for family, slot in getattr(adapter.slots, side).items():
+                    self.vectors[side][family].release(slot)
 
     @property
     def nbytes(self) -> int:
         """Device bytes the pool has allocated, padding and free slots included."""
-        families = [*self.lora.values(), *self.ia3_in.values(), *self.ia3_out.values()]
+        families = [*self.lora.values(), *(f for table in self.vectors.values() for f in table.values())]
         return sum(f.nbytes for f in families)

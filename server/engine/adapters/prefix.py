@@ -3,7 +3,7 @@
 PEFT saves the final KV (after the MLP reparametrisation, if any) as one flat
 `[virtual_tokens, layers * 2 * kv_heads * head_dim]` matrix, sized per *KV*
 head under GQA. The keys are used raw: RoPE is never applied to them
-(PEFT-SEMANTICS §2).
+(docs/adapters.md, "Prefix tuning").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prompt tuning and p-tuning: soft embeddings placed before the input tokens.
 
 PEFT saves p-tuning's encoder *output*, not the encoder, so at inference both
-kinds are the same `[virtual_tokens, hidden]` matrix (PEFT-SEMANTICS §3-4).
+kinds are the same `[virtual_tokens, hidden]` matrix (docs/adapters.md, "Prompt tuning and p-tuning").
 """
 
 from __future__ import annotations
