@@ -49,10 +49,9 @@ import transformers
 from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
-from workload import MIXES, Engine, Task, make_prompts, make_tasks
+from workload import MIXES, Engine, Task, make_prompts, make_tasks, serve
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"{len(mixed) + len(lora)} PEFT adapters ready in {time.perf_counter() - started:.0f} s")
         engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch))
         for task in mixed + lora:
-            engine.residency.register(task.task_id, *read_peft_dir(task.path))
+            serve(engine.residency, task.task_id, task.path)
         if args.profile:
             prompts = make_prompts(backbone.tokenizer, n_max, args.prompt_lengths[0])
             profile_engine(engine, prompts, [t.task_id for t in mixed], [args.new_tokens] * n_max)

@@ -39,11 +39,32 @@ from peft import (  # noqa: E402
 from peft_reference import make_adapter  # noqa: E402
 
 try:
+    from serving import serve  # noqa: E402,F401  (re-exported: benches upload through the task layer)
+except ImportError:  # checkouts from before the task layer (--compare-with): the residency registered uploads
+
+    def serve(residency, task_id: str, path: Path):
+        from server.engine.adapters import read_peft_dir
+
+        return residency.register(task_id, *read_peft_dir(path))
+
+
+try:
     from server.engine.engine import Engine  # noqa: E402
 except ImportError:  # checkouts from before the engine moved to engine.py
     from server.engine.scheduler import Engine  # noqa: E402
 
-__all__ = ["MIX", "MIXES", "REALISTIC", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
+__all__ = [
+    "MIX",
+    "MIXES",
+    "REALISTIC",
+    "Engine",
+    "Task",
+    "make_prompts",
+    "make_tasks",
+    "run_elsewhere",
+    "serve",
+    "without",
+]
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

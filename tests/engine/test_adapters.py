@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_gpt2, tiny_llama
+from serving import files_of, peft_files, serve, tasks_of
 
+from adapters_store import AdapterKey
+from adapters_store.format import FormatError
 from server.engine.adapters import AdapterError, Placement, load_adapter, read_peft_dir
 from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
@@ -195,18 +198,19 @@ def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, 
     config, tensors = read_peft_dir(adapters(kind, made_on))
     edit(config, tensors)
     residency = Residency(Backbone(models["base"], None, name="tiny"))
-    served = residency.register("task", *read_peft_dir(adapters("lora_qv")))
+    served = serve(residency, "task", adapters("lora_qv"))
 
-    with pytest.raises(AdapterError) as refused:
-        residency.register("task", config, tensors)
+    with pytest.raises((AdapterError, FormatError)) as refused:  # the engine's checks, or the file format's
+        serve(residency, "task", files_of(config, tensors))
     for word in words:
         assert word in str(refused.value)
-    with pytest.raises(AdapterError):
-        residency.register("other", config, tensors)
+    with pytest.raises((AdapterError, FormatError)):
+        serve(residency, "other", files_of(config, tensors))
 
-    assert residency.task_ids() == ["task"]
-    assert residency.get("task") is served  # the previous version is still the one served
-    assert residency.register("task", *read_peft_dir(adapters("lora_qv"))).key == "task@2"  # no version was used up
+    assert [t.task_id for t in residency.store.iter_tasks()] == ["task"]
+    assert residency.get(AdapterKey("task", 1)) is served  # the previous version is still the one served
+    again, _ = tasks_of(residency).upload("task", peft_files(adapters("lora_qv")), description="again")
+    assert again.version == 2  # no version was used up
 
 
 def test_served_kinds_load(models, geometry, adapters):
@@ -214,7 +218,7 @@ def test_served_kinds_load(models, geometry, adapters):
     placement = Placement(CPU.device, CPU.dtype, base_linear=backbone.linear_weights)  # DoRA's norm reads W
     kinds = ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3", "dora", "lora_bias")
     for kind in (*kinds, "adalora", "loha", "lokr", "vera", "llama_adapter"):
-        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, placement)
+        loaded = load_adapter(AdapterKey("t", 1), *read_peft_dir(adapters(kind)), geometry, placement)
         assert loaded.parameters > 0, kind
 
 
@@ -282,7 +286,7 @@ def test_broken_files_are_refused(tmp_path, adapters):
 )
 def test_lora_scaling(geometry, models, adapters, kind, patch, expected):
     config, tensors = read_peft_dir(adapters(kind))
-    loaded = load_adapter("t@1", {**config, **patch}, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), {**config, **patch}, tensors, geometry, CPU)
     assert sorted(loaded.lora) == sorted(f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in expected)
     for name, module in loaded.lora.items():
         assert module.scaling == pytest.approx(expected[name.rsplit(".", 1)[1]], rel=1e-12), name
@@ -300,7 +304,7 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     model = models["layers3"]  # 3 layers, 4 query heads over 2 KV heads: layout bugs cannot hide
     geometry = Backbone(model, None, name="tiny3").geometry
     config, tensors = read_peft_dir(adapters("prefix", "layers3"))
-    loaded = load_adapter("t@1", config, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), config, tensors, geometry, CPU)
     flat = tensors["prompt_embeddings"]
     layers, kv_heads, head_dim, nvt = 3, 2, 16, config["num_virtual_tokens"]
     assert loaded.prefix_kv.shape == (layers, 2, kv_heads, nvt, head_dim)
@@ -321,8 +325,8 @@ def test_bias_all_on_gpt2_is_refused_for_its_layer_norm_biases(tmp_path):
     config, tensors = read_peft_dir(make_adapter(model, "lora_bias_all", tmp_path / "bias_all"))
     residency = Residency(Backbone(model, None, name="tiny-gpt2"))
     with pytest.raises(AdapterError, match=r"ln_1.bias.*layer norms.*bias='lora_only'"):
-        residency.register("task", config, tensors)
-    assert residency.task_ids() == []
+        serve(residency, "task", files_of(config, tensors))
+    assert list(residency.store.iter_tasks()) == []
 
 
 def test_llama_adapter_on_gpt2_is_refused_as_served_for_the_llama_family():
@@ -331,4 +335,4 @@ def test_llama_adapter_on_gpt2_is_refused_as_served_for_the_llama_family():
     tensors["base_model.model.transformer.h.1.attn.adaption_gate"] = torch.zeros(1)
     residency = Residency(Backbone(tiny_gpt2(), None, name="tiny-gpt2"))
     with pytest.raises(AdapterError, match=r"transformer.h.1.attn.*llama family"):
-        residency.register("task", config, tensors)
+        serve(residency, "task", files_of(config, tensors))

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, random_biases, tiny_gpt2, tiny_llama
+from serving import serve
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
@@ -29,7 +29,7 @@ def make_engine(model, adapter_dirs: dict[str, object], **settings) -> Engine:
     # the engine hooks its backbone's layers; a copy keeps the reference model untouched
     engine = Engine(Backbone(copy.deepcopy(model), None, name="tiny"), EngineSettings(**settings))
     for kind, path in adapter_dirs.items():
-        engine.residency.register(kind, *read_peft_dir(path))
+        serve(engine.residency, kind, path)
     return engine
 
 

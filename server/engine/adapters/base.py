@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from adapters_store import AdapterKey
 from server.engine.backbone import Geometry
 
 MODULE_PREFIX = "base_model.model."  # PEFT's wrapper prefix on injected-layer keys
@@ -82,7 +83,7 @@ class LoadedAdapter:
     `lambda_b * B (lambda_d * A x)` over projections shared across layers and adapters.
     """
 
-    key: str  # immutable identity, e.g. "task@3"; caches key on it
+    key: AdapterKey  # immutable identity (task, version); caches key on it
     kind: str
     soft_prompt: torch.Tensor | None = None  # [virtual_tokens, hidden]
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, virtual_tokens, head_dim]
@@ -160,7 +161,7 @@ class AdapterKind(Protocol):
 
     def load(
         self,
-        key: str,
+        key: AdapterKey,
         config: Any,
         tensors: Mapping[str, torch.Tensor],
         geometry: Geometry,
