@@ -5,6 +5,7 @@ Never imports `server` or torch: the engine, the API and the clients all depend 
 
 from adapters_store.base import (
     TASK_ID,
+    AdapterKey,
     AdapterStore,
     Artifact,
     Change,
@@ -25,6 +26,7 @@ from adapters_store.base import (
 
 __all__ = [
     "TASK_ID",
+    "AdapterKey",
     "AdapterStore",
     "Artifact",
     "Change",

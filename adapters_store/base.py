@@ -18,12 +18,25 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_TASK_IDS = frozenset({"base"})  # "base" names the bare backbone in requests
-# Stored file names follow the task-id rule too: no path separators, no hidden files.
-FILE_NAME = TASK_ID
+TASK_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+NAMESPACE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a tenant's: `team-a/summarise` is in namespace `team-a`
+TASK_ID = re.compile(rf"(?:{NAMESPACE.pattern}/)?{TASK_NAME}")
+BASE_TASK = "base"  # names the bare backbone in requests
+RESERVED_TASK_IDS = frozenset({BASE_TASK})
+# Stored file names follow the task-name rule too: no path separators, no hidden files.
+FILE_NAME = re.compile(TASK_NAME)
 META_FILE = "meta.json"  # reserved: the disk backend keeps a version's VersionInfo there
 MAX_PAGE = 1000
+
+
+RecordKind = Literal["keys", "tenants"]
+RECORD_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")  # a key's digest (hex) or a tenant's namespace
+
+
+def check_record_id(record_id: str) -> str:
+    if not isinstance(record_id, str) or RECORD_ID.fullmatch(record_id) is None:
+        raise ValueError(f"invalid record id {record_id!r}: it must match {RECORD_ID.pattern}")
+    return record_id
 
 
 class StoreError(Exception):
@@ -55,10 +68,19 @@ class InvalidTaskId(StoreError, ValueError):
 def validate_task_id(task_id: str) -> str:
     """Return `task_id` if it is a valid, unreserved task id; raise `InvalidTaskId` otherwise."""
     if not isinstance(task_id, str) or TASK_ID.fullmatch(task_id) is None:
-        raise InvalidTaskId(f"invalid task id {task_id!r}: it must match {TASK_ID.pattern}")
+        raise InvalidTaskId(
+            f"invalid task id {task_id!r}: it must be NAME or NAMESPACE/NAME, NAME matching {TASK_NAME} "
+            f"and NAMESPACE {NAMESPACE.pattern}"
+        )
     if task_id in RESERVED_TASK_IDS:
         raise InvalidTaskId(f"task id {task_id!r} is reserved (it names the bare backbone)")
     return task_id
+
+
+def namespace_of(task_id: str) -> str | None:
+    """`team-a` for `team-a/summarise`; None for a task outside any namespace."""
+    namespace, slash, _ = task_id.partition("/")
+    return namespace if slash else None
 
 
 def check_version(task_id: str, version: int) -> int:
@@ -94,6 +116,26 @@ def content_sha256(files: Mapping[str, bytes]) -> str:
     return outer.hexdigest()
 
 
+@dataclass(frozen=True, order=True, slots=True)
+class AdapterKey:
+    """The identity of one task version: what every cache keys on. Versions are immutable, so a key names
+    exactly one set of weights, and a new upload gets a new key."""
+
+    task_id: str
+    version: int
+
+    def __str__(self) -> str:  # logs, and the `task@version` a response reports
+        return f"{self.task_id}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterKey:
+        """`task@version` as a user writes it (query strings); raises ValueError otherwise."""
+        task_id, _, number = text.rpartition("@")
+        if not task_id or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{text!r} is not task@version")
+        return cls(task_id, int(number))
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One immutable version of a task. `(task_id, version)` is never reused, even after a delete."""
@@ -107,6 +149,10 @@ class VersionInfo:
     created_at: float  # unix seconds
     backbone: str  # fingerprint of the backbone the server validated this version against
     description: str | None = None
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.task_id, self.version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -275,6 +321,23 @@ class AdapterStore(ABC):
     @abstractmethod
     def watch(self, callback: ChangeCallback, *, on_resync: Callable[[], None] | None = None) -> Watch:
         """Call `callback(change)` on a background thread for changes made by any process sharing the store."""
+
+    # --- access records: tenants and API keys (small JSON documents, few, shared by every replica) -------
+
+    @abstractmethod
+    def put_record(self, kind: RecordKind, record_id: str, document: Mapping[str, object]) -> None:
+        """Create or replace one record, atomically."""
+
+    @abstractmethod
+    def get_record(self, kind: RecordKind, record_id: str) -> dict | None: ...
+
+    @abstractmethod
+    def list_records(self, kind: RecordKind) -> list[dict]:
+        """Every record of `kind`, in id order."""
+
+    @abstractmethod
+    def delete_record(self, kind: RecordKind, record_id: str) -> bool:
+        """Remove one record; False if there was none."""
 
     @abstractmethod
     def ping(self) -> None:

@@ -35,12 +35,14 @@ from pathlib import Path
 
 from adapters_store.base import (
     META_FILE,
+    RECORD_ID,
     TASK_ID,
     AdapterStore,
     Artifact,
     Change,
     ChangeCallback,
     Page,
+    RecordKind,
     StoreUnavailable,
     TaskInfo,
     TaskNotFound,
@@ -50,6 +52,7 @@ from adapters_store.base import (
     Watch,
     check_files,
     check_limit,
+    check_record_id,
     check_version,
     content_sha256,
     validate_task_id,
@@ -123,6 +126,12 @@ class DiskStore(AdapterStore):
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r})"
 
+    def _task_dir(self, task_id: str) -> Path:
+        return self._tasks / _dir_name(task_id)
+
+    def _floor_file(self, task_id: str) -> Path:
+        return self._floors / _dir_name(task_id)
+
     # --- writes ----------------------------------------------------------------------------------
 
     def put(
@@ -166,7 +175,7 @@ class DiskStore(AdapterStore):
 
     def _rename_in(self, task_id: str, staging: Path) -> int:
         """Move a complete staging dir to the first free v<N>; returns N."""
-        task_dir = self._tasks / task_id
+        task_dir = self._task_dir(task_id)
         version = self._next_version(task_id)
         for _ in range(10_000):
             task_dir.mkdir(exist_ok=True)
@@ -186,8 +195,8 @@ class DiskStore(AdapterStore):
         raise StoreUnavailable(f"could not allocate a version for task {task_id!r}")
 
     def _next_version(self, task_id: str) -> int:
-        task_dir = self._tasks / task_id
-        highest = self._read_int(self._floors / task_id) or 0
+        task_dir = self._task_dir(task_id)
+        highest = self._read_int(self._floor_file(task_id)) or 0
         try:
             names = os.listdir(task_dir)
         except FileNotFoundError:
@@ -217,11 +226,11 @@ class DiskStore(AdapterStore):
 
     def delete(self, task_id: str) -> None:
         validate_task_id(task_id)
-        task_dir = self._tasks / task_id
+        task_dir = self._task_dir(task_id)
         with self._os_errors():
             self._read_current(task_id)
             self._raise_floor(task_id, task_dir)
-            trash = self._trash / f"{task_id}.{uuid.uuid4().hex}"
+            trash = self._trash / f"{_dir_name(task_id)}.{uuid.uuid4().hex}"
             try:
                 os.rename(task_dir, trash)  # the task disappears atomically; removal can take its time
             except FileNotFoundError:
@@ -236,18 +245,54 @@ class DiskStore(AdapterStore):
             versions = [v for v in map(_version_of, os.listdir(task_dir)) if v is not None]
         except FileNotFoundError:
             return
-        floor = self._read_int(self._floors / task_id) or 0
+        floor = self._read_int(self._floor_file(task_id)) or 0
         if versions and max(versions) > floor:
-            self._atomic_write(self._floors / task_id, str(max(versions)).encode(), self._floors)
+            self._atomic_write(self._floor_file(task_id), str(max(versions)).encode(), self._floors)
 
     def _write_current(self, task_id: str, version: int) -> None:
-        task_dir = self._tasks / task_id
+        task_dir = self._task_dir(task_id)
         if not (task_dir / f"v{version}" / META_FILE).exists():
             return  # deleted concurrently: the delete wins, never point CURRENT at nothing
         try:
             self._atomic_write(task_dir / CURRENT, str(version).encode(), task_dir)
         except FileNotFoundError:
             pass  # deleted concurrently, as above
+
+    # --- access records ----------------------------------------------------------------------------
+
+    def _record_file(self, kind: RecordKind, record_id: str) -> Path:
+        return self.root / "access" / kind / f"{check_record_id(record_id)}.json"
+
+    def put_record(self, kind: RecordKind, record_id: str, document: Mapping[str, object]) -> None:
+        path = self._record_file(kind, record_id)
+        with self._os_errors():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._atomic_write(path, json.dumps(dict(document), sort_keys=True).encode(), path.parent)
+
+    def get_record(self, kind: RecordKind, record_id: str) -> dict | None:
+        with self._os_errors():
+            try:
+                return json.loads(self._record_file(kind, record_id).read_bytes())
+            except FileNotFoundError:
+                return None
+
+    def list_records(self, kind: RecordKind) -> list[dict]:
+        folder = self.root / "access" / kind
+        with self._os_errors():
+            if not folder.is_dir():
+                return []
+            ids = sorted(n.removesuffix(".json") for n in os.listdir(folder) if n.endswith(".json"))
+        return [r for r in (self.get_record(kind, i) for i in ids if RECORD_ID.fullmatch(i)) if r is not None]
+
+    def delete_record(self, kind: RecordKind, record_id: str) -> bool:
+        path = self._record_file(kind, record_id)
+        with self._os_errors():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            self._fsync_dir(path.parent)
+        return True
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -257,7 +302,7 @@ class DiskStore(AdapterStore):
             if version is None:
                 version = self._read_current(task_id)
             check_version(task_id, version)
-            vdir = self._tasks / task_id / f"v{version}"
+            vdir = self._task_dir(task_id) / f"v{version}"
             try:
                 meta = json.loads((vdir / META_FILE).read_bytes())
                 files = {name: (vdir / name).read_bytes() for name in meta["files"]}
@@ -271,7 +316,7 @@ class DiskStore(AdapterStore):
         with self._os_errors():
             current = self._read_current(task_id)
             try:
-                names = os.listdir(self._tasks / task_id)
+                names = os.listdir(self._task_dir(task_id))
             except FileNotFoundError:
                 raise TaskNotFound(f"unknown task {task_id!r}") from None
             numbers = sorted(v for v in map(_version_of, names) if v is not None)
@@ -283,7 +328,7 @@ class DiskStore(AdapterStore):
     def list(self, *, after: str | None = None, limit: int = 100) -> Page:
         check_limit(limit)
         with self._os_errors():
-            names = sorted(n for n in os.listdir(self._tasks) if TASK_ID.fullmatch(n))
+            names = sorted(i for i in map(_task_id, os.listdir(self._tasks)) if TASK_ID.fullmatch(i))
             candidates = iter(names[bisect.bisect_right(names, after) if after is not None else 0 :])
             tasks = [s for s in self._summaries(candidates, limit)]
             more = next(self._summaries(candidates, 1), None) is not None
@@ -294,7 +339,7 @@ class DiskStore(AdapterStore):
         if limit <= 0:
             return
         for name in names:
-            version = self._read_int(self._tasks / name / CURRENT)
+            version = self._read_int(self._task_dir(name) / CURRENT)
             info = self._read_info(name, version) if version is not None else None
             if info is None:
                 continue  # a crashed first upload or a concurrent delete: not a task
@@ -304,14 +349,14 @@ class DiskStore(AdapterStore):
                 return
 
     def _read_current(self, task_id: str) -> int:
-        version = self._read_int(self._tasks / task_id / CURRENT)
+        version = self._read_int(self._task_dir(task_id) / CURRENT)
         if version is None:
             raise TaskNotFound(f"unknown task {task_id!r}")
         return version
 
     def _read_info(self, task_id: str, version: int) -> VersionInfo | None:
         try:
-            meta = json.loads((self._tasks / task_id / f"v{version}" / META_FILE).read_bytes())
+            meta = json.loads((self._task_dir(task_id) / f"v{version}" / META_FILE).read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             return None
         return VersionInfo.from_dict(meta, task_id=task_id, version=version)
@@ -391,3 +436,12 @@ class DiskStore(AdapterStore):
             yield
         except OSError as e:
             raise StoreUnavailable(f"disk store {self.root}: {e}") from e
+
+
+def _dir_name(task_id: str) -> str:
+    """One directory per task: a namespace's `/` becomes `~`, which no task id holds."""
+    return task_id.replace("/", "~")
+
+
+def _task_id(dir_name: str) -> str:
+    return dir_name.replace("~", "/")

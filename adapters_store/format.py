@@ -59,6 +59,8 @@ SERVED_PEFT_TYPES = {
     "ADALORA": "adalora",
     "LOHA": "loha",
     "LOKR": "lokr",
+    "VERA": "vera",
+    "ADAPTION_PROMPT": "adaption_prompt",
 }
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 

@@ -7,6 +7,7 @@ nothing is shared with other processes.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from adapters_store.base import (
     Watch,
     check_files,
     check_limit,
+    check_record_id,
     check_version,
     content_sha256,
     validate_task_id,
@@ -38,7 +40,26 @@ class MemoryStore(AdapterStore):
         self._current: dict[str, int] = {}
         self._next: dict[str, int] = {}  # survives delete: numbers are never reused
         self._watchers: list[_MemoryWatch] = []
+        self._records: dict[str, dict[str, dict]] = {"keys": {}, "tenants": {}}
         self._lock = threading.Lock()
+
+    def put_record(self, kind, record_id, document) -> None:
+        check_record_id(record_id)
+        with self._lock:
+            self._records[kind][record_id] = json.loads(json.dumps(dict(document)))  # a copy, as a backend stores
+
+    def get_record(self, kind, record_id) -> dict | None:
+        with self._lock:
+            found = self._records[kind].get(record_id)
+        return None if found is None else dict(found)
+
+    def list_records(self, kind) -> list[dict]:
+        with self._lock:
+            return [dict(self._records[kind][i]) for i in sorted(self._records[kind])]
+
+    def delete_record(self, kind, record_id) -> bool:
+        with self._lock:
+            return self._records[kind].pop(record_id, None) is not None
 
     def put(self, task_id, files, *, kind, parameters, backbone, description=None) -> VersionInfo:
         validate_task_id(task_id)

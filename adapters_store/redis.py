@@ -19,6 +19,7 @@ current pointing at missing data, and a writer that dies mid-upload leaves only 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ from adapters_store.base import (
     Change,
     ChangeCallback,
     Page,
+    RecordKind,
     StoreUnavailable,
     TaskInfo,
     TaskNotFound,
@@ -43,6 +45,7 @@ from adapters_store.base import (
     Watch,
     check_files,
     check_limit,
+    check_record_id,
     check_version,
     content_sha256,
     redacted,
@@ -255,6 +258,26 @@ class RedisStore(AdapterStore):
             metas = self._client.mget([self._version_keys(i, v)[1] for i, v in live]) if live else []
         tasks = tuple(TaskSummary(task_id=i, current=VersionInfo.from_json(m)) for (i, _), m in zip(live, metas) if m)
         return Page(tasks=tasks, next_after=ids[-1] if more and ids else None)
+
+    # --- access records ----------------------------------------------------------------------------
+
+    def put_record(self, kind: RecordKind, record_id: str, document: Mapping[str, object]) -> None:
+        with self._unavailable():
+            self._client.hset(f"{self._prefix}access:{kind}", check_record_id(record_id), json.dumps(dict(document)))
+
+    def get_record(self, kind: RecordKind, record_id: str) -> dict | None:
+        with self._unavailable():
+            found = self._client.hget(f"{self._prefix}access:{kind}", check_record_id(record_id))
+        return None if found is None else json.loads(found)
+
+    def list_records(self, kind: RecordKind) -> list[dict]:
+        with self._unavailable():
+            found = self._client.hgetall(f"{self._prefix}access:{kind}")
+        return [json.loads(found[i]) for i in sorted(found)]
+
+    def delete_record(self, kind: RecordKind, record_id: str) -> bool:
+        with self._unavailable():
+            return bool(self._client.hdel(f"{self._prefix}access:{kind}", check_record_id(record_id)))
 
     # --- notifications and lifecycle ---------------------------------------------------------------
 

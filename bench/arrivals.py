@@ -36,10 +36,9 @@ import torch
 import transformers
 from rich.console import Console
 from rich.table import Table
-from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: --compare-with
+from workload import Engine, make_prompts, make_tasks, run_elsewhere, serve, without  # first: --compare-with
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -68,7 +67,7 @@ def measure(args) -> dict:
         settings["max_step_tokens"] = args.step_tokens
     engine = Engine(backbone, EngineSettings(**settings))
     for task in tasks:
-        engine.residency.register(task.task_id, *read_peft_dir(task.path))
+        serve(engine.residency, task.task_id, task.path)
     short = make_prompts(backbone.tokenizer, args.running, 12, seed=1)
     long = make_prompts(backbone.tokenizer, 1000, args.prompt, spread=0.1, seed=2)
     rng = random.Random(3)

@@ -28,10 +28,9 @@ import warnings
 import transformers
 from rich.console import Console
 from rich.table import Table
-from workload import Engine, make_prompts, make_tasks
+from workload import Engine, make_prompts, make_tasks, serve
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -62,7 +61,7 @@ def main(argv=None) -> None:
     tasks = make_tasks(Backbone.load(device="cpu").model, root, args.rows)
     engine = Engine(backbone, EngineSettings(max_batch_size=args.rows))
     for task in tasks:
-        engine.residency.register(task.task_id, *read_peft_dir(task.path))
+        serve(engine.residency, task.task_id, task.path)
     prompts = make_prompts(backbone.tokenizer, args.rows, 12)
     loads = {"base": ["base"] * args.rows, "mixed": [t.task_id for t in tasks]}
     eager = {}

@@ -32,10 +32,9 @@ import torch
 import transformers
 from rich.console import Console
 from rich.table import Table
-from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: --compare-with
+from workload import Engine, make_prompts, make_tasks, run_elsewhere, serve, without  # first: --compare-with
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -52,7 +51,7 @@ def measure(args) -> dict:
     tasks = make_tasks(maker, root, args.quiet + 1, prefix="fair")
     engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch, max_queue=args.flood + 4 * args.quiet))
     for task in tasks:
-        engine.residency.register(task.task_id, *read_peft_dir(task.path))
+        serve(engine.residency, task.task_id, task.path)
     flood_task, quiet_tasks = tasks[0].task_id, [t.task_id for t in tasks[1:]]
     prompts = make_prompts(backbone.tokenizer, 64, 12, seed=5)
     sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

@@ -35,11 +35,10 @@ import torch
 import transformers
 from rich.console import Console
 from rich.table import Table
-from workload import Engine, make_prompts, make_tasks, run_elsewhere, without  # first: --compare-with
+from workload import Engine, make_prompts, make_tasks, run_elsewhere, serve, without  # first: --compare-with
 
 from adapters_store import open_store
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import GenerationRequest
 from server.engine.residency import Residency
@@ -100,7 +99,7 @@ def measure(args) -> dict:
     before_rss = current_rss()
     if args.variant == "lora":  # the base run registers nothing: the difference is everything LoRA costs
         for task in tasks:
-            residency.register(task.task_id, *read_peft_dir(task.path))
+            serve(residency, task.task_id, task.path)
     ids = [tasks[i % len(tasks)].task_id for i in range(args.rows)] if args.variant == "lora" else ["base"] * args.rows
 
     def run(new_tokens: int) -> float:

@@ -2,7 +2,8 @@
 
 Measured side by side in one run, on the default model, for each prompt length in --prompt-lengths (short ~12
 tokens, long ~120) and each N in --sizes, on the realistic mix of bench/workload.py (all-linear LoRA r=16, q/v
-LoRA r=8, rsLoRA r=16, prefix 16 and 10-with-projection, prompt 8 and 20, p-tuning 12, IA³):
+LoRA r=8, rsLoRA r=16, prefix 16 and 10-with-projection, prompt 8 and 20, p-tuning 12, IA³), or with
+--mix every on every kind served (DoRA, LoRA biases, AdaLoRA, LoHa, LoKr, ... too):
 
   (a) engine, N requests on N distinct tasks cycling through the mix, all submitted at once;
   (b) engine, the same prompts with no adapter (task "base"): the ceiling (a) is held against;
@@ -48,10 +49,9 @@ import transformers
 from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
-from workload import MIX, Engine, Task, make_prompts, make_tasks
+from workload import MIXES, Engine, Task, make_prompts, make_tasks, serve
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.request import BASE_TASK, GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -290,7 +290,8 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
 
 def print_report(info: dict, rows: list[Row], args) -> None:
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    mixed = Table(title=f"Mixed tasks: {args.new_tokens} new tokens per request, greedy, ignore_eos (tokens/s)")
+    title = f"Mixed tasks ({args.mix} mix): {args.new_tokens} new tokens per request, greedy, ignore_eos (tokens/s)"
+    mixed = Table(title=title)
     columns = ("prompt", "N", "(a) engine mixed", "(b) engine base", "(c) PEFT one-at-a-time*", "c≡a", "a/b", "a/c")
     for col in columns:
         mixed.add_column(col, justify="right")
@@ -329,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=64, help="engine max_batch_size = PEFT's static batch in (d)")
     p.add_argument("--peft-sample", type=int, default=8, help="requests timed for (c)")
     p.add_argument("--repeats", type=int, default=1, help="measure all paths in turn this many times, keep each best")
+    p.add_argument(
+        "--mix", choices=sorted(MIXES), default="realistic", help="kinds the tasks cycle through (every: all served)"
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--profile", action="store_true", help="only run (a) at the largest size under torch.profiler")
     args = p.parse_args(argv)
@@ -350,12 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="taskserve-bench-") as tmp:
         root = args.adapters or Path(tmp)
         started = time.perf_counter()
-        mixed = make_tasks(maker, root, n_max, seed=0)
+        mixed = make_tasks(maker, root, n_max, kinds=MIXES[args.mix], seed=0)
         lora = [] if args.profile else make_tasks(maker, root, n_max, kinds=LORA_MIX, seed=1000, prefix="lora")
         console.print(f"{len(mixed) + len(lora)} PEFT adapters ready in {time.perf_counter() - started:.0f} s")
         engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch))
         for task in mixed + lora:
-            engine.residency.register(task.task_id, *read_peft_dir(task.path))
+            serve(engine.residency, task.task_id, task.path)
         if args.profile:
             prompts = make_prompts(backbone.tokenizer, n_max, args.prompt_lengths[0])
             profile_engine(engine, prompts, [t.task_id for t in mixed], [args.new_tokens] * n_max)
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "peft_sample": args.peft_sample,
-            "mix": list(MIX),
+            "mix": list(MIXES[args.mix]),
         }
         report = {"machine": info, "run": run, "targets": TARGETS, "results": results}
         args.json.write_text(json.dumps(report, indent=2))

@@ -3,8 +3,8 @@
 The mix is the one production traffic looks like on a shared backbone (and the one the engine's targets are
 set on): all-linear LoRA r=16, q/v LoRA r=8, rsLoRA r=16 on attention, prefix tuning with 16 virtual tokens
 and with projection (10), prompt tuning with 8 and 20, p-tuning (MLP, 12), IA³, DoRA r=8 on q/v, LoRA r=8 with
-`lora_bias` on the MLP, AdaLoRA (init r=12, pruned), LoHa and LoKr r=8 on q/v — each saved by PEFT's own
-`save_pretrained` with randomised (non-trivial) weights.
+`lora_bias` on the MLP, AdaLoRA (init r=12, pruned), LoHa and LoKr r=8 on q/v, VeRA r=256 on q/v, LLaMA-Adapter
+(10 prompts on the top 8 layers) — each saved by PEFT's own `save_pretrained` with randomised (non-trivial) weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if os.environ.get("TASKSERVE_TREE"):  # measure another checkout's engine (see r
 
 from peft import (  # noqa: E402
     AdaLoraConfig,
+    AdaptionPromptConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -33,15 +34,37 @@ from peft import (  # noqa: E402
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    VeraConfig,
 )
 from peft_reference import make_adapter  # noqa: E402
+
+try:
+    from serving import serve  # noqa: E402,F401  (re-exported: benches upload through the task layer)
+except ImportError:  # checkouts from before the task layer (--compare-with): the residency registered uploads
+
+    def serve(residency, task_id: str, path: Path):
+        from server.engine.adapters import read_peft_dir
+
+        return residency.register(task_id, *read_peft_dir(path))
+
 
 try:
     from server.engine.engine import Engine  # noqa: E402
 except ImportError:  # checkouts from before the engine moved to engine.py
     from server.engine.scheduler import Engine  # noqa: E402
 
-__all__ = ["MIX", "Engine", "Task", "make_prompts", "make_tasks", "run_elsewhere", "without"]
+__all__ = [
+    "MIX",
+    "MIXES",
+    "REALISTIC",
+    "Engine",
+    "Task",
+    "make_prompts",
+    "make_tasks",
+    "run_elsewhere",
+    "serve",
+    "without",
+]
 
 CAUSAL = {"task_type": "CAUSAL_LM"}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -76,6 +99,8 @@ MIX = {
     ),
     "loha_qv_r8": ("loha", LoHaConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
     "lokr_qv_r8": ("lokr", LoKrConfig(r=8, alpha=16, target_modules=QV, **CAUSAL)),
+    "vera_qv_r256": ("vera", VeraConfig(r=256, target_modules=QV, **CAUSAL)),
+    "llama_adapter_10x8": ("llama_adapter", AdaptionPromptConfig(adapter_len=10, adapter_layers=8, **CAUSAL)),
 }
 
 SENTENCES = [
@@ -100,7 +125,22 @@ class Task:
     peft_type: str
 
 
-def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = tuple(MIX), seed: int = 0, prefix: str = "t"):
+# The load engine v2's targets are set on (one of each kind a team typically trains), and every kind served.
+REALISTIC = (
+    "lora_all_r16",
+    "lora_qv_r8",
+    "rslora_attn_r16",
+    "prefix_16",
+    "prefix_proj_10",
+    "prompt_8",
+    "prompt_20",
+    "ptuning_mlp_12",
+    "ia3",
+)
+MIXES = {"realistic": REALISTIC, "every": tuple(MIX)}
+
+
+def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = REALISTIC, seed: int = 0, prefix: str = "t"):
     """N distinct adapters cycling through `kinds` of MIX, saved with PEFT under `root` (kept: a later run with
     the same root reuses them)."""
     tasks = []

@@ -140,6 +140,16 @@ class Requests:
     def rollback(self, task: str, to_version: int) -> httpx.Request:
         return self._build("POST", f"/v1/tasks/{_segment(task)}/rollback", json={"version": to_version})
 
+    def create_key(self, tenant: str, scope: str, quota: Mapping[str, float | None]) -> httpx.Request:
+        body = {"tenant": tenant, "scope": scope, **{k: v for k, v in quota.items() if v is not None}}
+        return self._build("POST", "/v1/admin/keys", json=body)
+
+    def list_keys(self, tenant: str | None) -> httpx.Request:
+        return self._build("GET", "/v1/admin/keys", params={"tenant": tenant} if tenant is not None else None)
+
+    def revoke_key(self, key_id: str) -> httpx.Request:
+        return self._build("DELETE", f"/v1/admin/keys/{_segment(key_id)}")
+
     def health(self) -> httpx.Request:
         return self._build("GET", "/health")
 

@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", cmd_status, "is the server up and ready?")
 
+    keys = command("keys", cmd_keys, "tenants' API keys: create, list, revoke (needs a bootstrap admin key)")
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="a new key for a tenant; printed once", parents=[common])
+    create.add_argument("tenant", help="the tenant: its namespace, e.g. team-a (tasks team-a/...)")
+    create.add_argument("--admin", action="store_true", help="may also upload, roll back and delete its tasks")
+    create.add_argument("--requests-per-s", type=float, metavar="N", help="quota: requests per second")
+    create.add_argument("--tokens-per-min", type=int, metavar="N", help="quota: prompt + completion tokens per minute")
+    listing = actions.add_parser("list", help="every key (ids, never the keys)", parents=[common])
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id", parents=[common])
+    revoke.add_argument("id")
+
     from clients.cli_train import add_train_arguments, cmd_train  # no torch import here: only at run time
 
     add_train_arguments(command("train", cmd_train, "train a PEFT adapter on the server's backbone and upload it"))
@@ -389,6 +401,43 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print_json(current)
     else:
         out.print(f"[bold]{escape(current.task_id)}[/] is at version {current.version} again: {_describe(current)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        if args.action == "create":
+            scope = "admin" if args.admin else "inference"
+            quota = {"requests_per_s": args.requests_per_s, "tokens_per_min": args.tokens_per_min}
+            created = client.create_key(args.tenant, scope=scope, **quota)
+            if wants_json(args):
+                print_json(created)
+            else:
+                err.print(f"key {created.id} for tenant {escape(created.tenant)} ({scope}); it is shown only now:")
+                out.print(created.key, markup=False, highlight=False)
+        elif args.action == "list":
+            found = client.keys(args.tenant)
+            if wants_json(args):
+                print_json([k.model_dump(mode="json") for k in found])
+                return 0
+            table = _table("id", "tenant", "scope", "requests/s", "tokens/min", "created", "description")
+            for k in found:
+                limits = (k.requests_per_s, k.tokens_per_min)
+                table.add_row(
+                    k.id,
+                    escape(k.tenant),
+                    k.scope,
+                    *(f"{v:g}" if v else "-" for v in limits),
+                    _when(k.created_at),
+                    escape(k.description or ""),
+                )
+            out.print(table)
+        else:
+            client.revoke_key(args.id)
+            if wants_json(args):
+                print_json({"id": args.id, "revoked": True})
+            else:
+                out.print(f"revoked key {escape(args.id)}")
     return 0
 
 

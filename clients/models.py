@@ -6,7 +6,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Message", "Usage", "Generation", "StreamEvent", "Version", "Task", "TaskPage", "Readiness"]
+__all__ = [
+    "Message",
+    "Usage",
+    "Generation",
+    "StreamEvent",
+    "Version",
+    "Task",
+    "TaskPage",
+    "Readiness",
+    "ApiKey",
+    "NewApiKey",
+]
 
 
 class _Answer(BaseModel):
@@ -88,3 +99,19 @@ class Readiness(_Answer):
     status: str
     model: str | None = None
     detail: str | None = None
+
+
+class ApiKey(_Answer):
+    """A tenant's API key as the server lists it: never the key itself."""
+
+    id: str = Field(description="how lists and revocations name the key")
+    tenant: str
+    scope: Literal["inference", "admin"]
+    created_at: float
+    description: str | None = None
+    requests_per_s: float | None = None
+    tokens_per_min: int | None = None
+
+
+class NewApiKey(ApiKey):
+    key: str = Field(description="the key itself, shown only when it is created")

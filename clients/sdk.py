@@ -21,7 +21,7 @@ from typing import Any, Unpack
 import httpx
 
 from clients._protocol import DEFAULT_TIMEOUT, DEFAULT_URL, EventDecoder, MessageLike, Requests, Sampling, as_messages
-from clients.models import Generation, Readiness, StreamEvent, Task, TaskPage, Version
+from clients.models import ApiKey, Generation, NewApiKey, Readiness, StreamEvent, Task, TaskPage, Version
 from clients.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadSource, check_task_id, prepare_template, prepare_upload
 
 __all__ = ["DEFAULT_URL", "Client", "AsyncClient", "Sampling"]
@@ -138,6 +138,19 @@ class Client:
     def rollback(self, task: str, version: int) -> Version:
         """Make `version` of `task` current again."""
         return self._requests.parse(self._send(self._requests.rollback(task, version)), Version)
+
+    def create_key(self, tenant: str, *, scope: str = "inference", **quota: float | None) -> NewApiKey:
+        """A new API key for `tenant` (a bootstrap admin key is needed); the key itself is only in this answer."""
+        return self._requests.parse(self._send(self._requests.create_key(tenant, scope, quota)), NewApiKey)
+
+    def keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """The tenants' keys (ids and quotas, never the keys)."""
+        response = self._requests.check(self._send(self._requests.list_keys(tenant)))
+        return [ApiKey.model_validate(k) for k in response.json()["keys"]]
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke a key by its id; every replica refuses it within a second."""
+        self._send(self._requests.revoke_key(key_id))
 
     def health(self) -> bool:
         """True when the server process answers (raises `ServerUnreachable` when nothing does)."""
@@ -257,6 +270,16 @@ class AsyncClient:
 
     async def rollback(self, task: str, version: int) -> Version:
         return self._requests.parse(await self._send(self._requests.rollback(task, version)), Version)
+
+    async def create_key(self, tenant: str, *, scope: str = "inference", **quota: float | None) -> NewApiKey:
+        return self._requests.parse(await self._send(self._requests.create_key(tenant, scope, quota)), NewApiKey)
+
+    async def keys(self, tenant: str | None = None) -> list[ApiKey]:
+        response = self._requests.check(await self._send(self._requests.list_keys(tenant)))
+        return [ApiKey.model_validate(k) for k in response.json()["keys"]]
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._send(self._requests.revoke_key(key_id))
 
     async def health(self) -> bool:
         await self._send(self._requests.health())

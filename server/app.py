@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from adapters_store import open_store, redacted
-from server.api import console, docs, errors, generate, health, lora_adapters, metrics, openai, stats, tasks
+from server.api import admin, console, docs, errors, generate, health, lora_adapters, metrics, openai, stats, tasks
 from server.api.admission import Admission
 from server.api.auth import KeyRing
 from server.api.health import ProbeServer, Startup, StoreProbe
@@ -28,6 +28,8 @@ from server.config import Settings
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.residency import Residency
+from server.tasks import TaskService
+from server.tenants import Tenants
 
 log = logging.getLogger("taskserve")
 
@@ -75,6 +77,8 @@ def create_app(
     app = FastAPI(title="taskserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.engine = None
+    app.state.tasks = None
+    app.state.tenants = None
     app.state.startup = Startup()
     app.state.keys = keys
     app.state.metrics = recorder
@@ -92,7 +96,7 @@ def create_app(
     errors.install(app, on_error=recorder.count_error)
     docs.install(app)
     # health and metrics are open (probes and scrapers carry no key); the other routers declare their access
-    for module in (health, metrics, generate, tasks, openai, lora_adapters, stats):
+    for module in (health, metrics, generate, tasks, openai, lora_adapters, stats, admin):
         app.include_router(module.router)
     if settings.console:
         console.install(app)
@@ -109,6 +113,15 @@ async def _start(
     """Load, open and start everything the routes need; `app.state.engine` is set last, when all is ready."""
     startup: Startup = app.state.startup
     try:
+        startup.enter("opening the task store")
+        store = await asyncio.to_thread(open_store, settings.store)
+        closers.append(store.close)
+        tasks = TaskService(store)
+        closers.append(tasks.close)
+        app.state.tenants = Tenants(store)  # tenants' keys work from here on
+        app.state.tasks = tasks  # task reads answer from here on, while the model loads
+        app.state.store_probe = probe = await StoreProbe(store).start()
+        closers.append(probe.stop)
         if backbone is None:
             startup.enter(f"loading the model {settings.model}")
             backbone = await _in_daemon_thread(
@@ -118,21 +131,17 @@ async def _start(
                 dtype=settings.dtype,
                 cache_dir=settings.model_cache,
             )
-        startup.enter("opening the task store")
-        store = await asyncio.to_thread(open_store, settings.store)
-        closers.append(store.close)
         residency = Residency(
             backbone, store, device_bytes=settings.device_adapter_bytes, host_bytes=settings.host_adapter_bytes
         )
         closers.append(residency.close)
-        engine = Engine(backbone, settings, residency).start()
+        tasks.attach(residency)
+        engine = Engine(backbone, settings, residency, resolve=tasks.current_key).start()
         closers.append(engine.stop)
         if settings.preload:
             startup.enter(f"preloading {len(settings.preload)} tasks")
-            pinned = await asyncio.to_thread(lora_adapters.preload, engine, settings)
+            pinned = await asyncio.to_thread(lora_adapters.preload, tasks, residency, settings)
             closers.append(lambda: lora_adapters.unpin(pinned))
-        app.state.store_probe = probe = await StoreProbe(store).start()
-        closers.append(probe.stop)
     except Exception as exc:
         startup.fail(exc)
         log.exception("start-up failed: %s", startup.error)

@@ -39,9 +39,11 @@ class EngineSettings(BaseSettings):
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Rows in the running batch (decoding or part-way through their prompt)."""
-    max_step_tokens: int = Field(default=256, ge=1)
+    max_step_tokens: int = Field(default=128, ge=1)
     """Inputs computed in one forward: each decoding row's token first, then prompt chunks up to this budget
-    (a long prompt is prefilled over several steps while running rows keep decoding)."""
+    (a long prompt is prefilled over several steps while running rows keep decoding). A step's time grows with
+    its tokens on a CPU, so the budget trades running rows' inter-token latency against new rows' time to first
+    token; 128 keeps both in bounds on a 2-core CPU (docs/benchmarks.md). A GPU takes 512-2048 at little cost."""
     max_kv_tokens: int = Field(default=65536, ge=16)
     """KV-cache columns in the pool shared by all rows; each row reserves its longest need when admitted."""
     kv_block_size: int = Field(default=16, ge=1, le=1024)

@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from peft import (  # noqa: E402
     AdaLoraConfig,
+    AdaptionPromptConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -41,6 +42,7 @@ from peft import (  # noqa: E402
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    VeraConfig,
     get_peft_model,
 )
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -83,6 +85,9 @@ ALL_SERVED_KINDS: tuple[str, ...] = (
     "adalora",
     "loha",
     "lokr",
+    "vera",
+    "vera_wide",
+    "llama_adapter",
 )
 # kinds that only differ from plain LoRA where the backbone's linear layers have biases (GPT-2, Qwen2)
 BIAS_KINDS: tuple[str, ...] = ("lora_bias_only", "lora_bias_all", "dora_bias")
@@ -260,6 +265,14 @@ def adapter_config(model, kind: str):
     if kind == "lokr":  # q_proj: w1 8x8 and w2 8x8 whole (dense); down_proj: w2 in halves of rank 2 (rank 16)
         return LoKrConfig(r=4, alpha=8, target_modules=mlp_targets, rank_pattern={"down_proj": 2}, **causal)
 
+    if kind == "vera":  # the projections' key is PEFT's default (0): adapters made with it share them
+        return VeraConfig(r=16, target_modules=mlp_targets, **ffo, **causal)
+    if kind == "vera_wide":  # another rank: other projections, pooled apart
+        return VeraConfig(r=8, target_modules=attn_targets, projection_prng_key=7, **ffo, **causal)
+
+    if kind == "llama_adapter":  # LLaMA-Adapter: the llama family only
+        return AdaptionPromptConfig(adapter_len=4, adapter_layers=1, **causal)
+
     # Refused-on-purpose kinds (valid PEFT adapters that taskserve must reject).
     if kind == "modules_to_save":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, modules_to_save=["lm_head"], **ffo, **causal)
@@ -285,6 +298,10 @@ def _randomise(peft_model, kind: str, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
         elif ".lokr_" in name:  # LoKr's (the same)
             p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+        elif ".vera_lambda_" in name:  # VeRA's vectors (lambda_b zero at init)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        elif name.endswith(".adaption_gate"):  # LLaMA-Adapter's gate (zero at init: no effect)
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
         elif ".lora_magnitude_vector." in name:  # DoRA: already ||W|| per row; move it off the identity
             p.mul_(torch.empty(p.shape).uniform_(0.7, 1.3, generator=gen))
         elif ".modules_to_save.default." in name:

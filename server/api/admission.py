@@ -14,6 +14,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+from server.api.quotas import Quotas
 from server.engine.engine import Engine
 from server.engine.request import QueueFull
 
@@ -72,6 +73,7 @@ class Admission:
 
     def __init__(self, max_wait: float):
         self.max_wait = max_wait
+        self.quotas = Quotas()  # tenants' and keys' limits, checked before the load
         self._lock = threading.Lock()
         self._in_system = 0
         self._step_seconds: float | None = None  # between two tokens of one row: one engine step

@@ -1,5 +1,8 @@
 """API keys: an inference scope and an admin scope, sent as `Authorization: Bearer <key>` or `X-API-Key`.
 
+The keys in the environment are global (the bootstrap admin); tenants' keys live in the store (`server/tenants.py`)
+and see only their tenant's tasks.
+
 With no key configured at all the service is open (and says so loudly at start-up). Keys are compared in constant
 time, against every configured key whichever matches first, so the time taken tells nothing about which key or
 which prefix was right. Both sides are hashed first so the comparison does not even leak a key's length.
@@ -19,9 +22,12 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import Forbidden, Unauthorized
 from server.config import Settings
+from server.engine.request import EngineStopped
+from server.tenants import Caller, Tenants
 
 log = logging.getLogger("taskserve")
 
@@ -80,22 +86,34 @@ class KeyRing:
 
 
 def authenticate(request: Request) -> Access:
-    """The caller's scope from its key (once per request); 401 without a known key, unless the service is open."""
-    cached = getattr(request.state, "api_scope", None)
-    if cached is not None:
-        return cached
+    """The caller's scope from its key (once per request); 401 without a known key, unless the service is open.
+
+    The environment's keys are the bootstrap: global, seeing every task. Any other key is looked up among the
+    tenants' keys in the store (`server/tenants.py`), which may block for a store read: call it off the event loop.
+    """
+    caller = getattr(request.state, "caller", None)
+    if caller is None:
+        caller = request.state.caller = _identify(request)
+    return Access.ADMIN if caller.admin else Access.INFERENCE
+
+
+def _identify(request: Request) -> Caller:
     keys: KeyRing = request.app.state.keys
     if keys.open:
-        scope = Access.ADMIN
-    else:
-        key = _presented_key(request)
-        if not key:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-        scope = keys.scope_of(key)
-        if scope is None:
-            raise Unauthorized("invalid API key")
-    request.state.api_scope = scope
-    return scope
+        return Caller(admin=True)
+    key = _presented_key(request)
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    scope = keys.scope_of(key)
+    if scope is not None:
+        return Caller(admin=scope is Access.ADMIN)
+    tenants: Tenants | None = getattr(request.app.state, "tenants", None)
+    if tenants is None:
+        raise EngineStopped("the key store is still opening")
+    record = tenants.lookup(key)
+    if record is None:
+        raise Unauthorized("invalid API key")
+    return Caller(admin=record.scope == "admin", key=record, tenant=tenants.tenant(record.tenant))
 
 
 def _presented_key(request: Request) -> str | None:
@@ -115,6 +133,14 @@ def caller_scope(
     return authenticate(request)
 
 
+def current_caller(request: Request, _scope: Annotated[Access, Depends(caller_scope)]) -> Caller:
+    """Who sent the request: a global caller, or a tenant's key."""
+    return request.state.caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
 def require_inference(scope: Annotated[Access, Depends(caller_scope)]) -> None:
     """Any valid key (or an open service)."""
 
@@ -125,8 +151,15 @@ def require_admin(scope: Annotated[Access, Depends(caller_scope)]) -> None:
         raise Forbidden("this route needs an admin key; yours is an inference key")
 
 
+def require_root(scope: Annotated[Access, Depends(caller_scope)], request: Request) -> None:
+    """A bootstrap admin key from the environment (or an open service): tenants' own admin keys are refused."""
+    if scope < Access.ADMIN or request.state.caller.key is not None:
+        raise Forbidden("this route needs a bootstrap admin key (TASKSERVE_ADMIN_KEYS)")
+
+
 InferenceAccess = Depends(require_inference)
 AdminAccess = Depends(require_admin)
+RootAccess = Depends(require_root)
 
 
 class AuthorizedRoute(APIRoute):
@@ -143,20 +176,24 @@ class AuthorizedRoute(APIRoute):
             return handler
 
         async def authorized(request: Request) -> Response:
-            requirement(authenticate(request))
+            scope = await run_in_threadpool(authenticate, request)  # a tenant's key may need a store read
+            if requirement is require_root:
+                require_root(scope, request)
+            else:
+                requirement(scope)
             return await handler(request)
 
         return authorized
 
 
-def _requirement(dependant: Dependant) -> Callable[[Access], None] | None:
+def _requirement(dependant: Dependant) -> Callable[..., None] | None:
     """The strictest `require_*` among the dependant's dependencies, at any depth."""
     calls, pending = set(), [dependant]
     while pending:
         for dep in pending.pop().dependencies:
             calls.add(dep.call)
             pending.append(dep)
-    for requirement in (require_admin, require_inference):
+    for requirement in (require_root, require_admin, require_inference):
         if requirement in calls:
             return requirement
     return None

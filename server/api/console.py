@@ -25,9 +25,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store import AdapterKey
 from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE
 from server.api.auth import Access, AuthorizedRoute, InferenceAccess, caller_scope
-from server.api.deps import EngineDep, MetricsDep, SettingsDep
+from server.api.deps import EngineDep, MetricsDep, SettingsDep, TasksDep
 from server.api.stats import INSTANCE
 from server.engine.request import InvalidRequest
 
@@ -155,10 +156,10 @@ async def session(
     )
 
 
-@api.get("/tasks/{task_id}/versions/{version}/config")
-async def version_config(task_id: str, version: Annotated[int, PathParam(ge=1)], engine: EngineDep) -> dict:
+@api.get("/tasks/{task_id:path}/versions/{version}/config")
+async def version_config(task_id: str, version: Annotated[int, PathParam(ge=1)], tasks: TasksDep) -> dict:
     """The version's adapter_config.json or template.json, as stored."""
-    artifact = await run_in_threadpool(engine.residency.store.get, task_id, version)
+    artifact = await run_in_threadpool(tasks.files, AdapterKey(task_id, version))
     name = TEMPLATE_FILE if TEMPLATE_FILE in artifact.files else CONFIG_FILE
     return {"task_id": task_id, "version": version, "file": name, "content": json.loads(artifact.files[name])}
 
@@ -174,10 +175,11 @@ async def usage(
     if len(keys) > MAX_USAGE_KEYS:
         raise InvalidRequest(f"at most {MAX_USAGE_KEYS} versions at once, got {len(keys)}")
     found = {}
-    for key in keys:
-        task_id, _, number = key.rpartition("@")
-        if not task_id or not number.isdigit():
-            raise InvalidRequest(f"{key!r} is not task@version")
-        resident = engine.residency.is_resident(task_id, int(number))
-        found[key] = {"resident": resident, "last_used": metrics.last_use.get(task_id)}
+    for text in keys:
+        try:
+            key = AdapterKey.parse(text)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        resident = engine.residency.is_resident(key)
+        found[text] = {"resident": resident, "last_used": metrics.last_use.get(key.task_id)}
     return {"instance": INSTANCE, "usage": found}

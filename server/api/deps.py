@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: the engine, settings and metrics the app was built with."""
+"""Dependencies the routes declare: the engine, the task layer, settings and metrics the app was built with."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import EngineStopped
+from server.tasks import TaskService
+from server.tenants import Tenants
 
 
 def get_engine(request: Request) -> Engine:
@@ -18,6 +20,20 @@ def get_engine(request: Request) -> Engine:
     if engine is None:
         raise EngineStopped("the model is still loading")
     return engine
+
+
+def get_tasks(request: Request) -> TaskService:
+    tasks = getattr(request.app.state, "tasks", None)
+    if tasks is None:
+        raise EngineStopped("the task store is still opening")
+    return tasks
+
+
+def get_tenants(request: Request) -> Tenants:
+    tenants = getattr(request.app.state, "tenants", None)
+    if tenants is None:
+        raise EngineStopped("the task store is still opening")
+    return tenants
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,6 +49,8 @@ def get_admission(request: Request) -> Admission:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+TasksDep = Annotated[TaskService, Depends(get_tasks)]
+TenantsDep = Annotated[Tenants, Depends(get_tenants)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]

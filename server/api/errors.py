@@ -22,9 +22,12 @@ from adapters_store import InvalidTaskId, StoreUnavailable, TaskNotFound, Versio
 from adapters_store.format import FormatError, UploadTooLarge
 from adapters_store.local import BadPath, PathRefused
 from server.api.fields import UNSUPPORTED_PARAMETER
+from server.api.quotas import OverQuota
 from server.engine.adapters import AdapterError
 from server.engine.request import EngineStopped, InvalidRequest, QueueFull, UnknownTask
 from server.engine.residency import ResidencyFull
+from server.tasks import ModelLoading
+from server.tenants import InvalidTenant, UnknownKey
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,12 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     AdapterError: (422, "invalid_adapter"),
     FormatError: (422, "invalid_adapter"),
     QueueFull: (429, "queue_full"),
+    OverQuota: (429, "rate_limited"),
+    UnknownKey: (404, "unknown_key"),
+    InvalidTenant: (400, "invalid_request"),
     GenerationFailed: (500, "internal"),
     EngineStopped: (503, "unavailable"),
+    ModelLoading: (503, "unavailable"),
     ResidencyFull: (503, "unavailable"),
     StoreUnavailable: (503, "store_unavailable"),
 }
@@ -127,7 +134,10 @@ def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
             retry_after = getattr(exc, "retry_after", 1)
-            return answer(request, status, kind, str(exc), param=getattr(exc, "param", None), retry_after=retry_after)
+            param = getattr(exc, "param", None)
+            response = answer(request, status, kind, str(exc), param=param, retry_after=retry_after)
+            response.headers.update(getattr(exc, "headers", None) or {})  # x-ratelimit-* on a quota's 429
+            return response
 
         app.add_exception_handler(exc_type, handler)
 

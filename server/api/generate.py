@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from server.api import logprobs
-from server.api.auth import AuthorizedRoute, InferenceAccess
+from server.api.auth import AuthorizedRoute, CallerDep, InferenceAccess
 from server.api.deps import AdmissionDep, EngineDep, MetricsDep
 from server.api.inference import (
     SSE_EVENT,
@@ -28,7 +28,7 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 429, 
 STREAMED = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or events with `stream`"}
 
 
-@router.post("/{task_id}/generate", response_model=GenerateResponse, responses={200: STREAMED, **ERRORS})
+@router.post("/{task_id:path}/generate", response_model=GenerateResponse, responses={200: STREAMED, **ERRORS})
 async def generate(
     task_id: Annotated[str, Path(examples=["base"], description="a task id; `base` is the backbone alone")],
     body: GenerateRequest,
@@ -36,6 +36,7 @@ async def generate(
     engine: EngineDep,
     metrics: MetricsDep,
     admission: AdmissionDep,
+    caller: CallerDep,
 ):
     """Generate with one task; `base` is the frozen backbone alone. With `stream`, server-sent events."""
     sampling = sampling_params(
@@ -52,7 +53,14 @@ async def generate(
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     deltas = await start_generation(
-        engine, task_id, sampling, prompt=body.prompt, messages=messages, metrics=metrics, admission=admission
+        engine,
+        task_id,
+        sampling,
+        prompt=body.prompt,
+        messages=messages,
+        metrics=metrics,
+        admission=admission,
+        caller=caller,
     )
     tokenizer = engine.backbone.tokenizer
     if body.stream:

@@ -17,14 +17,17 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from adapters_store import TaskNotFound
 from server.api.admission import Admission, Ticket
 from server.api.errors import GenerationFailed
 from server.api.metrics import Metrics
+from server.api.quotas import Spend
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta, TokenLogprob
 from server.engine.sampling import SamplingParams
+from server.tenants import Caller
 
 T = TypeVar("T")
 
@@ -55,6 +58,7 @@ async def start_choices(
     fill_context: bool = False,
     metrics: Metrics | None = None,
     admission: Admission | None = None,
+    caller: Caller | None = None,
 ) -> list[AsyncIterator[TokenDelta]]:
     """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
     is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop. Returns one stream
@@ -64,12 +68,15 @@ async def start_choices(
     is then only an upper bound). Each returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
     started = time.perf_counter()
+    if caller is not None and not caller.sees(task_id):
+        raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
+    spend = admission.quotas.admit(caller) if admission is not None and caller is not None else None
     tickets: list[Ticket] = []
     try:
         if admission is not None:
             for _ in range(sampling.n):
                 tickets.append(admission.admit(engine, sampling.max_new_tokens))
-        lease = await engine.residency.acquire_async(task_id)  # loads the task off the event loop if needed
+        lease = await engine.lease(task_id)  # resolves and loads the task off the event loop if needed
         if metrics is not None and lease.adapter is not None:
             metrics.last_use.touch(task_id)
         try:
@@ -86,17 +93,20 @@ async def start_choices(
             lease.release()
             raise
     except BaseException:
-        for ticket in tickets:
-            ticket.release()
+        for hold in [*tickets, spend]:
+            if hold is not None:
+                hold.release()
         raise
     if metrics is None and admission is None:
         return streams
     observed = []
     for i, stream in enumerate(streams):
         ticket = tickets[i] if tickets else None
-        watched = _observed(stream, started, metrics, admission, ticket, prefilled=i == 0)
-        if ticket is not None:  # a stream dropped before its first read never runs its finally
-            weakref.finalize(watched, ticket.release)
+        charged = spend if i == 0 else None  # the request's quota hold rides on its first choice
+        watched = _observed(stream, started, metrics, admission, ticket, charged, prefilled=i == 0)
+        for hold in (ticket, charged):
+            if hold is not None:  # a stream dropped before its first read never runs its finally
+                weakref.finalize(watched, hold.release)
         observed.append(watched)
     return observed
 
@@ -158,12 +168,15 @@ async def _observed(
     metrics: Metrics | None,
     admission: Admission | None,
     ticket: Ticket | None,
+    spend: Spend | None = None,
     prefilled: bool = True,
 ) -> AsyncIterator[TokenDelta]:
     """Pass the deltas through, timing them for the metrics and the admission's estimate; closing this closes the
-    engine's stream (which cancels the row) and gives the request's place back. `prefilled`: this stream's row
-    computed the prompt (the other choices of a request share it, so its tokens count once)."""
+    engine's stream (which cancels the row), gives the request's place back and charges its tokens to its quotas.
+    `prefilled`: this stream's row computed the prompt (the other choices of a request share it, so its tokens
+    count once)."""
     last: float | None = None
+    used = 0  # prompt and completion tokens, as the last delta counts them
     finish = "cancelled"  # unless a last delta says otherwise: the reader left first
     try:
         async for delta in deltas:
@@ -186,12 +199,15 @@ async def _observed(
                     metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
+                used = delta.prompt_tokens + delta.completion_tokens
                 if admission is not None and finish in ("stop", "length"):
                     admission.finished(delta.completion_tokens)
             yield delta
     finally:
         if ticket is not None:
             ticket.release()
+        if spend is not None:
+            spend.release(used)
         if metrics is not None:
             metrics.generations.labels(finish_reason=finish).inc()
         await deltas.aclose()
@@ -276,7 +292,7 @@ async def close_all(streams: Sequence[AsyncIterator[TokenDelta]]) -> None:
 
 
 def task_version(delta: TokenDelta) -> int | None:
-    return None if delta.task_version is None else int(delta.task_version.rsplit("@", 1)[1])
+    return None if delta.task_version is None else delta.task_version.version
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

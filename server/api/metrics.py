@@ -151,7 +151,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: bounded
+            route = getattr(scope.get("route"), "path_format", None) or "unmatched"  # a template: bounded
             method = scope["method"]
             self.metrics.requests.labels(route=route, method=method, status=str(status)).inc()
             self.metrics.request_seconds.labels(route=route, method=method).observe(time.perf_counter() - started)

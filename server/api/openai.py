@@ -17,10 +17,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import TASK_ID
+from adapters_store import TASK_ID, TaskNotFound
 from server.api import logprobs
 from server.api.auth import AuthorizedRoute, InferenceAccess
-from server.api.deps import AdmissionDep, EngineDep, MetricsDep
+from server.api.deps import AdmissionDep, EngineDep, MetricsDep, TasksDep
 from server.api.inference import (
     SSE_EVENT,
     EventStream,
@@ -54,6 +54,7 @@ from server.api.openai_schemas import (
 from server.engine.engine import Engine
 from server.engine.request import BASE_TASK, InvalidRequest, TokenDelta, UnknownTask
 from server.engine.sampling import SamplingParams
+from server.tenants import Caller
 
 
 class OpenAIRoute(AuthorizedRoute):
@@ -98,8 +99,18 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scorin
     )
 
 
+def _caller(request: Request) -> Caller:
+    return request.state.caller  # set by the route's access check
+
+
 async def _start(
-    engine: Engine, body: SamplingFields, sampling: SamplingParams, metrics, admission, prompts: list[dict]
+    engine: Engine,
+    body: SamplingFields,
+    sampling: SamplingParams,
+    metrics,
+    admission,
+    prompts: list[dict],
+    caller: Caller | None = None,
 ) -> list[AsyncIterator[TokenDelta]]:
     """Every choice of every prompt, in order (prompt-major); a refusal part-way closes what had started."""
     most_n = min(engine.settings.max_n, engine.settings.max_batch_size)
@@ -112,10 +123,12 @@ async def _start(
     try:
         task_id = task_for(engine, body.model)
         for inputs in prompts:
-            streams += await start_choices(engine, task_id, sampling, metrics=metrics, admission=admission, **inputs)
+            streams += await start_choices(
+                engine, task_id, sampling, metrics=metrics, admission=admission, caller=caller, **inputs
+            )
     except BaseException as exc:
         await close_all(streams)
-        if isinstance(exc, UnknownTask):
+        if isinstance(exc, UnknownTask | TaskNotFound):
             raise _no_such_model(engine, body.model) from None
         raise
     return streams
@@ -141,7 +154,7 @@ class _Reply:
     def ending(self, body, lasts: list[TokenDelta | None], include_usage: bool) -> Iterator[str]:
         """The last events: the usage of every choice (once all have ended, if asked), then `[DONE]`."""
         if include_usage and all(lasts):
-            yield self.sse(body, [], usage=self.usage(lasts), system_fingerprint=lasts[0].task_version)
+            yield self.sse(body, [], usage=self.usage(lasts), system_fingerprint=lasts[0].fingerprint)
         yield "data: [DONE]\n\n"
 
     def usage(self, lasts: list[TokenDelta]) -> CompletionUsage:
@@ -168,7 +181,7 @@ async def completions(
         prompt_logprobs=body.logprobs if body.echo else None,
         n=body.n,
     )
-    streams = await _start(engine, body, sampling, metrics, admission, body.prompts)
+    streams = await _start(engine, body, sampling, metrics, admission, body.prompts, _caller(request))
     reply = _Reply.new("cmpl", body.model, body.n)
     pieces = [_CompletionPieces(engine.backbone.tokenizer, body.echo, body.logprobs is not None) for _ in streams]
     if body.stream:
@@ -188,7 +201,7 @@ async def completions(
         model=reply.model,
         choices=choices,
         usage=reply.usage([d.last for d in dones]),
-        system_fingerprint=dones[0].last.task_version,
+        system_fingerprint=dones[0].last.fingerprint,
     )
 
 
@@ -203,7 +216,7 @@ async def chat_completions(
     )
     messages = [m.native() for m in body.messages]
     prompts = [{"messages": messages, "fill_context": body.limit is None}]
-    streams = await _start(engine, body, sampling, metrics, admission, prompts)
+    streams = await _start(engine, body, sampling, metrics, admission, prompts, _caller(request))
     reply = _Reply.new("chatcmpl", body.model, body.n)
     tokenizer = engine.backbone.tokenizer if body.logprobs else None
     if body.stream:
@@ -224,26 +237,29 @@ async def chat_completions(
         model=reply.model,
         choices=choices,
         usage=reply.usage([d.last for d in dones]),
-        system_fingerprint=dones[0].last.task_version,
+        system_fingerprint=dones[0].last.fingerprint,
     )
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
-async def list_models(request: Request, engine: EngineDep):
-    """The backbone, then every task, in id order."""
-    tasks = await run_in_threadpool(lambda: list(engine.residency.store.iter_tasks()))
+async def list_models(request: Request, engine: EngineDep, tasks: TasksDep):
+    """The backbone, then every task the caller may see, in id order."""
+    caller = _caller(request)
+    found = await run_in_threadpool(lambda: [t for t in tasks.iter_tasks() if caller.sees(t.task_id)])
     base = Model(id=engine.backbone.name, created=request.app.state.started_at)
-    return ModelList(data=[base, *(Model(id=t.task_id, created=int(t.current.created_at)) for t in tasks)])
+    return ModelList(data=[base, *(Model(id=t.task_id, created=int(t.current.created_at)) for t in found)])
 
 
 @router.get("/models/{model:path}", response_model=Model, responses=ERRORS)
-async def get_model(model: str, request: Request, engine: EngineDep):
+async def get_model(model: str, request: Request, engine: EngineDep, tasks: TasksDep):
     """One model: the backbone, or a task (404 `model_not_found` otherwise)."""
     task_id = task_for(engine, model)
     if task_id == BASE_TASK:
         return Model(id=model, created=request.app.state.started_at)
     try:
-        info = await run_in_threadpool(engine.residency.store.info, task_id)
+        if not _caller(request).sees(task_id):
+            raise TaskNotFound(task_id)
+        info = await run_in_threadpool(tasks.info, task_id)
     except KeyError:  # TaskNotFound
         raise _no_such_model(engine, model) from None
     return Model(id=model, created=int(info.current_info.created_at))
@@ -334,7 +350,7 @@ def _completion_events(
         return reply.sse(Completion, [choice], system_fingerprint=fingerprint)
 
     def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
-        piece, fingerprint = pieces[i], delta.task_version
+        piece, fingerprint = pieces[i], delta.fingerprint
         if delta.prompt_ids is not None and piece.echo:
             text, scores = piece.prompt(delta)
             yield chunk(i, text, fingerprint=fingerprint, logprobs=scores)
@@ -359,9 +375,9 @@ async def _chat_events(
     def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
         if delta.text or (delta.token_ids and tokenizer is not None):
             scores = _chat_logprobs(tokenizer, delta.logprobs or [])
-            yield chunk(i, ChatDelta(content=delta.text), fingerprint=delta.task_version, logprobs=scores)
+            yield chunk(i, ChatDelta(content=delta.text), fingerprint=delta.fingerprint, logprobs=scores)
         if delta.finish_reason is not None:
-            yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=delta.task_version)
+            yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=delta.fingerprint)
 
     for i in range(len(streams)):
         yield chunk(i, ChatDelta(role="assistant", content=""))

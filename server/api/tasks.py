@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import TaskNotFound, VersionInfo
-from adapters_store.base import content_sha256
 from adapters_store.format import TEMPLATE_FILE, read_upload
-from server.api.auth import AdminAccess, AuthorizedRoute, InferenceAccess
-from server.api.deps import EngineDep, SettingsDep
-from server.api.errors import PayloadTooLarge
+from server.api.auth import AdminAccess, AuthorizedRoute, CallerDep, InferenceAccess
+from server.api.deps import SettingsDep, TasksDep
+from server.api.errors import Forbidden, PayloadTooLarge
 from server.api.fields import Text
 from server.api.limits import uploads
 from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
 from server.engine.engine import Engine
 from server.engine.request import InvalidRequest
+from server.tenants import Caller
 
 # reading needs any key; upload, rollback and delete add AdminAccess
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=AuthorizedRoute, dependencies=[InferenceAccess])
@@ -43,7 +42,7 @@ def _version(info: VersionInfo) -> VersionPublic:
 
 
 @router.post(
-    "/{task_id}/versions",
+    "/{task_id:path}/versions",
     status_code=201,
     response_model=VersionPublic,
     responses={200: UNCHANGED, **ADMIN_ERRORS},
@@ -54,8 +53,9 @@ async def upload(
     task_id: str,
     request: Request,
     response: Response,
-    engine: EngineDep,
+    tasks: TasksDep,
     settings: SettingsDep,
+    caller: CallerDep,
     files: Annotated[list[UploadFile] | None, File(description="the files of a PEFT save_pretrained directory")] = None,
     archive: Annotated[UploadFile | None, File(description="one .tar.gz or .zip of such a directory")] = None,
     description: Annotated[Text | None, Form()] = None,
@@ -72,24 +72,11 @@ async def upload(
         parts = {f.filename or f"file{i}": await _read(f, settings.max_upload_bytes) for i, f in enumerate(files or [])}
         blob = await _read(archive, settings.max_upload_bytes) if archive is not None else None
         contents = read_upload(parts or None, blob, max_bytes=settings.max_upload_bytes)
-    current = await run_in_threadpool(identical_current, engine, task_id, contents, description)
-    if current is not None:
+    _check_writes(caller, task_id)
+    info, created = await run_in_threadpool(tasks.upload, task_id, contents, description)
+    if not created:
         response.status_code = 200
-        return _version(current)
-    info = await run_in_threadpool(engine.residency.upload, task_id, contents, description)
     return _version(info)
-
-
-def identical_current(
-    engine: Engine, task_id: str, contents: Mapping[str, bytes], description: str | None
-) -> VersionInfo | None:
-    """The task's current version if `contents` would store exactly it again (for this backbone), else None."""
-    try:
-        current = engine.residency.store.info(task_id).current_info
-    except TaskNotFound:
-        return None
-    same = current.sha256 == content_sha256(contents) and current.backbone == engine.backbone.geometry.fingerprint
-    return current if same and description in (None, current.description) else None
 
 
 async def _read(upload: UploadFile, limit: int) -> bytes:
@@ -109,42 +96,61 @@ async def _json(request: Request) -> object:
 
 @router.get("", response_model=TaskList, responses=ERRORS)
 async def list_tasks(
-    engine: EngineDep,
+    tasks: TasksDep,
+    caller: CallerDep,
     after: Annotated[str | None, Query(description="the last task id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ):
     """Tasks in id order, a page at a time, each with its current version."""
-    page = await run_in_threadpool(engine.residency.store.list, after=after, limit=limit)
+    if caller.key is None:
+        page = await run_in_threadpool(tasks.page, after=after, limit=limit)
+    else:  # a tenant's key lists its namespace and its grants
+        grants = caller.tenant.grants if caller.tenant is not None else ()
+        page = await run_in_threadpool(tasks.page_within, caller.key.tenant, grants, after=after, limit=limit)
     return TaskList(tasks=[_version(t.current) for t in page.tasks], next_after=page.next_after)
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=ERRORS)
-async def task_info(task_id: str, engine: EngineDep):
+@router.get("/{task_id:path}", response_model=TaskPublic, responses=ERRORS)
+async def task_info(task_id: str, request: Request, tasks: TasksDep, caller: CallerDep):
     """One task: its current version, every version, and whether the current one is on the device."""
-    return await run_in_threadpool(_task_public, engine, task_id)
-
-
-def _task_public(engine: Engine, task_id: str) -> TaskPublic:
-    info = engine.residency.store.info(task_id)
+    _check_sees(caller, task_id)
+    info = await run_in_threadpool(tasks.info, task_id)
     current = info.current_info
+    engine: Engine | None = request.app.state.engine  # None while the model loads: nothing is resident yet
     return TaskPublic(
         task_id=task_id,
         version=current.version,
         kind=current.kind,
         parameters=current.parameters,
         bytes=current.bytes,
-        resident=engine.residency.is_resident(task_id, current.version),
+        resident=engine is not None and engine.residency.is_resident(current.key),
         versions=[_version(v) for v in info.versions],
     )
 
 
-@router.post("/{task_id}/rollback", response_model=VersionPublic, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
-async def rollback(task_id: str, body: Rollback, engine: EngineDep):
+@router.post(
+    "/{task_id:path}/rollback", response_model=VersionPublic, responses=ADMIN_ERRORS, dependencies=[AdminAccess]
+)
+async def rollback(task_id: str, body: Rollback, tasks: TasksDep, caller: CallerDep):
     """Make an earlier (or later) version current again."""
-    return _version(await run_in_threadpool(engine.residency.rollback, task_id, body.version))
+    _check_writes(caller, task_id)
+    return _version(await run_in_threadpool(tasks.rollback, task_id, body.version))
 
 
-@router.delete("/{task_id}", status_code=204, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
-async def delete_task(task_id: str, engine: EngineDep) -> None:
+@router.delete("/{task_id:path}", status_code=204, responses=ADMIN_ERRORS, dependencies=[AdminAccess])
+async def delete_task(task_id: str, tasks: TasksDep, caller: CallerDep) -> None:
     """Delete a task and all its versions; rows already running on it finish first."""
-    await run_in_threadpool(engine.residency.delete, task_id)
+    _check_writes(caller, task_id)
+    await run_in_threadpool(tasks.delete, task_id)
+
+
+def _check_sees(caller: Caller, task_id: str) -> None:
+    """Another tenant's task answers exactly as a missing one does: ids do not leak."""
+    if not caller.sees(task_id):
+        raise TaskNotFound(f"unknown task {task_id!r}")
+
+
+def _check_writes(caller: Caller, task_id: str) -> None:
+    if not caller.writes(task_id):
+        _check_sees(caller, task_id)
+        raise Forbidden(f"a tenant's admin key writes only tasks in its namespace ({caller.tenant_name}/...)")

@@ -109,7 +109,7 @@ class Batch:
     def prepare(self, chunks: Sequence[Chunk]) -> StepInputs:
         """The packed inputs of `chunks`, after giving each row the KV blocks its new inputs need."""
         device = self.pool.device
-        rows = sorted(chunks, key=lambda c: "" if c[0].adapter is None else c[0].adapter.key)  # adapters side by side
+        rows = sorted(chunks, key=_adapter_order)  # adapters side by side
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
@@ -173,3 +173,8 @@ class Batch:
             blocks, slots = self.pool.allocate(missing)
             row.blocks += blocks
             row.kv_slots = torch.cat([row.kv_slots, slots])
+
+
+def _adapter_order(chunk: Chunk) -> tuple[str, int]:
+    adapter = chunk[0].adapter
+    return ("", 0) if adapter is None else (adapter.key.task_id, adapter.key.version)

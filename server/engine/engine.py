@@ -16,18 +16,26 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from adapters_store import AdapterKey, TaskNotFound
 from server.config import EngineSettings
 from server.engine.backbone import Backbone
 from server.engine.batch import Batch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.generation import Generation, Sink, shared_leases
 from server.engine.kv_cache import KVPool
-from server.engine.request import EngineStopped, GenerationRequest, InvalidRequest, TokenDelta
+from server.engine.request import (
+    BASE_TASK,
+    EngineStopped,
+    GenerationRequest,
+    InvalidRequest,
+    TokenDelta,
+    UnknownTask,
+)
 from server.engine.residency import Lease, Residency
 from server.engine.runner import ModelRunner, RunnerOutput
 from server.engine.sampling import SEED_LIMIT
@@ -35,6 +43,8 @@ from server.engine.scheduler import SchedulerLimits, StepPlan, reserved_blocks, 
 from server.engine.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
+
+Resolve = Callable[[str], AdapterKey | None]  # task id -> its current version; None: the bare backbone
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,20 @@ class EngineStats:
 class Engine:
     """`submit` from any thread, `generate` from asyncio; `start` runs the loop on its own thread."""
 
-    def __init__(self, backbone: Backbone, settings: EngineSettings | None = None, residency: Residency | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        settings: EngineSettings | None = None,
+        residency: Residency | None = None,
+        *,
+        resolve: Resolve | None = None,
+    ):
+        """`resolve(task_id)`: the task's current version (the task layer's `TaskService.current_key`); without
+        one, the residency's store is asked each time."""
         self.backbone = backbone
         self.settings = settings = settings or EngineSettings()
         self.residency = residency or Residency(backbone)
+        self.resolve: Resolve = resolve or self._current_in_store
         g = backbone.geometry
         self.pool = KVPool(
             layers=g.num_layers,
@@ -146,7 +166,7 @@ class Engine:
         if len(choices) != n - 1:
             raise ValueError(f"n={n} choices need {n - 1} more sinks, got {len(choices)}")
         self._check_ids(request)
-        lease = lease or self.residency.acquire(request.task_id)
+        lease = lease or self.residency.acquire(self.resolve(request.task_id))
         leases = shared_leases(lease, n) if n > 1 else [lease]
         row = self._row(request, leases[0], sink)
         row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
@@ -159,6 +179,19 @@ class Engine:
             raise
         self._wakeup.set()
         return row
+
+    async def lease(self, task_id: str) -> Lease:
+        """Pin the task's current version for one request: resolved and loaded off the event loop."""
+        key = await asyncio.to_thread(self.resolve, task_id)
+        return await self.residency.acquire_async(key)
+
+    def _current_in_store(self, task_id: str) -> AdapterKey | None:
+        if task_id == BASE_TASK:
+            return None
+        try:
+            return AdapterKey(task_id, self.residency.store.info(task_id).current)
+        except TaskNotFound:
+            raise UnknownTask(f"unknown task {task_id!r}") from None
 
     def _row(self, request: GenerationRequest, lease: Lease, sink: Sink) -> Generation:
         vocab, device = self.backbone.geometry.vocab_size, self.backbone.device

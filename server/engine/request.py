@@ -6,9 +6,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adapters_store import AdapterKey
+from adapters_store.base import BASE_TASK  # noqa: F401  (re-exported: the reserved id of the bare backbone)
 from server.engine.sampling import SamplingParams
-
-BASE_TASK = "base"  # reserved task id: the frozen backbone alone
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -67,9 +67,14 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    task_version: str | None = None  # the adapter key the row ran on, e.g. "summarise@3"
+    task_version: AdapterKey | None = None  # the task version the row ran on
     error: str | None = None  # set with finish_reason "error"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
     # in the first delta, when the request asked: one per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_ids: tuple[int, ...] | None = None  # in the first delta: the tokens the row was prefilled with (echo)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`task@version` of the weights that produced it (OpenAI's `system_fingerprint`)."""
+        return None if self.task_version is None else str(self.task_version)

@@ -313,9 +313,9 @@ def test_bad_configs_are_refused(config: bytes, message: str) -> None:
 
 
 def test_validate_task_id() -> None:
-    for good in ("a", "sentiment-v2", "A.b_c-9", "x" * 128):
+    for good in ("a", "sentiment-v2", "A.b_c-9", "x" * 128, "team-a/sentiment", "t9/A.b"):
         assert validate_task_id(good) == good
-    for bad in ("", ".hidden", "a b", "a/b", "x" * 129, None):
+    for bad in ("", ".hidden", "a b", "a/b/c", "Team/b", "a/.b", "x" * 129, None):
         with pytest.raises(InvalidTaskId, match=r"\[A-Za-z0-9\]"):
             validate_task_id(bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidTaskId, match="reserved"):

@@ -80,6 +80,20 @@ def test_put_then_get_round_trips_files_and_info(store: AdapterStore) -> None:
     assert (task.task_id, task.current, task.versions) == ("sentiment", 1, (info,))
 
 
+def test_namespaced_task_ids_list_in_id_order_and_delete_alone(store: AdapterStore) -> None:
+    for task_id in ("team-a/x", "team-a", "team-a.z", "team-b/x", "team-a/y"):
+        put(store, task_id)
+    assert [t.task_id for t in store.list().tasks] == ["team-a", "team-a.z", "team-a/x", "team-a/y", "team-b/x"]
+    assert [t.task_id for t in store.list(after="team-a/", limit=2).tasks] == ["team-a/x", "team-a/y"]
+    assert put(store, "team-a/x").version == 2 and store.info("team-a/x").current == 2
+    store.delete("team-a/x")
+    assert [t.task_id for t in store.list().tasks] == ["team-a", "team-a.z", "team-a/y", "team-b/x"]
+    assert put(store, "team-a/x").version == 3  # numbers are never reused, namespaced or not
+    for bad in ("Team-A/x", "a/b/c", "/x", "a/", "a//b", "a~b"):
+        with pytest.raises(InvalidTaskId):
+            put(store, bad)
+
+
 def test_put_adds_a_version_and_never_changes_an_old_one(store: AdapterStore) -> None:
     v1 = put(store, "t", 1)
     v2 = put(store, "t", 2)
@@ -117,7 +131,7 @@ def test_missing_tasks_and_versions_are_not_found(store: AdapterStore) -> None:
     assert isinstance(e.value, KeyError) and "version 2" in str(e.value)
 
 
-@pytest.mark.parametrize("bad", ["", "-lead", "a/b", "a:b", "../up", "x" * 129, "base", "sp ace", "é"])
+@pytest.mark.parametrize("bad", ["", "-lead", "a/b/c", "A/b", "a:b", "../up", "x" * 129, "base", "sp ace", "é"])
 def test_invalid_task_ids_are_refused_everywhere(store: AdapterStore, bad: str) -> None:
     calls = [
         lambda: put(store, bad),
@@ -519,3 +533,22 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_
     for bad in ("s3://bucket", "/plain/path", "file://"):
         with pytest.raises(ValueError, match="file://"):
             open_store(bad)
+
+
+# --- access records ------------------------------------------------------------------------------
+
+
+def test_access_records_round_trip_and_are_shared_by_every_handle(store: AdapterStore, store_url: str) -> None:
+    assert store.list_records("keys") == [] and store.get_record("keys", "ab12") is None
+    store.put_record("keys", "ab12", {"tenant": "team-a", "scope": "inference"})
+    store.put_record("keys", "0f00", {"tenant": "team-b", "scope": "admin"})
+    store.put_record("tenants", "team-a", {"grants": ["shared"]})
+    with open_store(store_url) as other:  # another replica
+        assert other.get_record("keys", "ab12") == {"tenant": "team-a", "scope": "inference"}
+        assert [r["tenant"] for r in other.list_records("keys")] == ["team-b", "team-a"]  # in id order
+        assert other.delete_record("keys", "ab12") is True
+    assert store.get_record("keys", "ab12") is None and store.delete_record("keys", "ab12") is False
+    assert store.list_records("tenants") == [{"grants": ["shared"]}]
+    for bad in ("", "../x", "AB", "a/b"):
+        with pytest.raises(ValueError):
+            store.put_record("keys", bad, {})

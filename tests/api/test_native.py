@@ -149,11 +149,21 @@ def test_archive_upload_rollback_and_task_info(client, lora_dir):
     assert client.post("/v1/tasks/archived/versions", files=files, data={"description": "v2"}).json()["version"] == 2
     info = client.get("/v1/tasks/archived").json()
     assert info["version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
-    assert info["resident"] is True  # the uploading replica keeps what it just validated
+    assert info["resident"] is False  # an upload waits in the host tier: its first request brings it to the device
     assert client.post("/v1/tasks/archived/rollback", json={"version": 1}).json()["version"] == 1
     assert generate(client, "archived", prompt="Hi").json()["version"] == 1
+    assert client.get("/v1/tasks/archived").json()["resident"] is True
     missing = client.post("/v1/tasks/archived/rollback", json={"version": 9})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "unknown_version"
+
+
+def test_an_adapter_that_can_never_fit_the_device_is_refused_naming_the_budget(backbone, lora_dir):
+    settings = Settings(store="memory://", device_adapter_bytes=4096)
+    with TestClient(create_app(settings, backbone=backbone)) as small:
+        refused = upload(small, "huge", peft_files(lora_dir))
+        assert refused.status_code == 422 and refused.json()["error"]["type"] == "invalid_adapter"
+        assert "device adapter budget of 4096 bytes" in refused.json()["error"]["message"]
+        assert small.get("/v1/tasks/huge").status_code == 404  # nothing stored
 
 
 def test_list_pages_through_tasks_in_order(client, lora_dir):

@@ -47,6 +47,26 @@ def test_the_app_answers_while_the_model_loads(backbone, monkeypatch):
         assert client.post("/v1/tasks/base/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
+def test_task_reads_answer_while_the_model_loads_and_uploads_wait_for_it(backbone, monkeypatch, tmp_path):
+    url = f"file://{tmp_path / 'store'}"
+    with TestClient(create_app(Settings(store=url), backbone=backbone)) as client:
+        template = {"template": {"instruction": "Answer briefly."}}
+        assert client.post("/v1/tasks/kept/versions", json=template).status_code == 201
+    release = threading.Event()
+    monkeypatch.setattr(Backbone, "load", lambda *args, **kwargs: release.wait(30) and backbone)
+    with TestClient(create_app(Settings(store=url))) as client:  # a restart: the model loads again
+        wait_until(lambda: client.get("/v1/tasks").status_code == 200)
+        assert client.get("/ready").status_code == 503
+        assert [t["task_id"] for t in client.get("/v1/tasks").json()["tasks"]] == ["kept"]
+        info = client.get("/v1/tasks/kept").json()
+        assert info["version"] == 1 and info["resident"] is False
+        early = client.post("/v1/tasks/other/versions", json=template)
+        assert early.status_code == 503 and "still loading" in early.json()["error"]["message"]
+        release.set()
+        wait_until(lambda: client.get("/ready").status_code == 200)
+        assert client.post("/v1/tasks/other/versions", json=template).status_code == 201
+
+
 def test_a_failed_start_says_so_on_both_probes(monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("no such model directory")

@@ -27,6 +27,29 @@ CAPITALS = {
 }
 
 
+def test_keys_create_list_revoke(cli, tmp_path: Path):
+    created = cli("keys", "create", "team-cli", "--admin", "--requests-per-s", "5", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["tenant"] == "team-cli" and key["scope"] == "admin" and key["key"]
+    listed = json.loads(cli("keys", "list", "--tenant", "team-cli", "--json").stdout)
+    assert [(k["id"], k["requests_per_s"]) for k in listed] == [(key["id"], 5.0)] and "key" not in listed[0]
+    table = cli("keys", "list")
+    assert table.returncode == 0 and key["id"] in table.stdout and key["key"] not in table.stdout
+
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps(CAPITALS))
+    as_tenant = {"TASKSERVE_API_KEY": key["key"]}
+    assert cli("upload", "team-cli/capitals", str(template), env=as_tenant).returncode == 0
+    assert_error(cli("upload", "elsewhere", str(template), env=as_tenant), 1, "unknown task 'elsewhere'")
+    assert_error(cli("keys", "list", env=as_tenant), 1, "bootstrap admin key")
+
+    revoked = cli("keys", "revoke", key["id"])
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert_error(cli("keys", "revoke", key["id"]), 1, "no key")
+    assert cli("rm", "team-cli/capitals", "--yes").returncode == 0
+
+
 def test_upload_tasks_generate_rollback_rm(cli, lora_dir: Path, tmp_path: Path):
     uploaded = cli("upload", "cli-lora", str(lora_dir), "--description", "first")
     assert uploaded.returncode == 0, uploaded.stderr

@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from peft_reference import REFUSED_KINDS, load_reference, make_adapter, tiny_gpt2, tiny_llama
+from serving import files_of, peft_files, serve, tasks_of
 
+from adapters_store import AdapterKey
+from adapters_store.format import FormatError
 from server.engine.adapters import AdapterError, Placement, load_adapter, read_peft_dir
 from server.engine.backbone import Backbone, Geometry
 from server.engine.residency import Residency
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
-SERVED_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+SERVED_TYPES = (
+    *("ADALORA", "ADAPTION_PROMPT", "IA3", "LOHA", "LOKR", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"),
+    "VERA",
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +153,14 @@ REFUSALS = [
     ("loha-half-missing", "loha", "base", _drop_tensors("0.mlp.up_proj.hada_w2_b"), ["up_proj", "hada_w2_b"]),
     ("loha-hidden-96", "loha", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("lokr-half-missing", "lokr", "base", _drop_tensors("0.mlp.down_proj.lokr_w2_b"), ["down_proj", "lokr_w2_b"]),
+    ("vera-without-projections", "vera", "base", _set(save_projection=False), ["save_projection=False"]),
+    ("vera-projections-dropped", "vera", "base", _drop_tensors("vera_A"), ["base_model.vera_A", "save_projection"]),
+    ("vera-vector-missing", "vera", "base", _drop_tensors("0.mlp.up_proj.vera_lambda_d"), ["up_proj", "lambda_d"]),
+    ("vera-hidden-96", "vera", "hidden96", _unchanged, ["down_proj.vera_lambda_b", "[96]", "[64]"]),
+    ("llama-adapter-wrong-layers", "llama_adapter", "base", _set(adapter_layers=2), ["adapter_layers=2", "[1]"]),
+    ("llama-adapter-3-layers", "llama_adapter", "layers3", _unchanged, ["layers.2.self_attn", "not an attention"]),
+    ("llama-adapter-no-gate", "llama_adapter", "base", _drop_tensors("adaption_gate"), ["adaption_gate"]),
+    ("llama-adapter-hidden-96", "llama_adapter", "hidden96", _unchanged, ["adaption_prompt", "[1, 4, 64]"]),
     ("lokr-hidden-96", "lokr", "hidden96", _unchanged, ["down_proj", "[96, 128]", "[64, 128]"]),
     ("prompt-without-task_type", "prompt", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
     ("prefix-without-task_type", "prefix", "base", _drop_config("task_type"), ["task_type", "CAUSAL_LM"]),
@@ -184,26 +198,27 @@ def test_refused_adapter_names_the_cause_and_leaves_the_residency_alone(models, 
     config, tensors = read_peft_dir(adapters(kind, made_on))
     edit(config, tensors)
     residency = Residency(Backbone(models["base"], None, name="tiny"))
-    served = residency.register("task", *read_peft_dir(adapters("lora_qv")))
+    served = serve(residency, "task", adapters("lora_qv"))
 
-    with pytest.raises(AdapterError) as refused:
-        residency.register("task", config, tensors)
+    with pytest.raises((AdapterError, FormatError)) as refused:  # the engine's checks, or the file format's
+        serve(residency, "task", files_of(config, tensors))
     for word in words:
         assert word in str(refused.value)
-    with pytest.raises(AdapterError):
-        residency.register("other", config, tensors)
+    with pytest.raises((AdapterError, FormatError)):
+        serve(residency, "other", files_of(config, tensors))
 
-    assert residency.task_ids() == ["task"]
-    assert residency.get("task") is served  # the previous version is still the one served
-    assert residency.register("task", *read_peft_dir(adapters("lora_qv"))).key == "task@2"  # no version was used up
+    assert [t.task_id for t in residency.store.iter_tasks()] == ["task"]
+    assert residency.get(AdapterKey("task", 1)) is served  # the previous version is still the one served
+    again, _ = tasks_of(residency).upload("task", peft_files(adapters("lora_qv")), description="again")
+    assert again.version == 2  # no version was used up
 
 
 def test_served_kinds_load(models, geometry, adapters):
     backbone = Backbone(models["base"], None, name="tiny")
     placement = Placement(CPU.device, CPU.dtype, base_linear=backbone.linear_weights)  # DoRA's norm reads W
     kinds = ("prompt", "ptuning_mlp", "prefix", "prefix_proj", "lora_all", "lora_rslora", "ia3", "dora", "lora_bias")
-    for kind in (*kinds, "adalora", "loha", "lokr"):
-        loaded = load_adapter("t@1", *read_peft_dir(adapters(kind)), geometry, placement)
+    for kind in (*kinds, "adalora", "loha", "lokr", "vera", "llama_adapter"):
+        loaded = load_adapter(AdapterKey("t", 1), *read_peft_dir(adapters(kind)), geometry, placement)
         assert loaded.parameters > 0, kind
 
 
@@ -271,7 +286,7 @@ def test_broken_files_are_refused(tmp_path, adapters):
 )
 def test_lora_scaling(geometry, models, adapters, kind, patch, expected):
     config, tensors = read_peft_dir(adapters(kind))
-    loaded = load_adapter("t@1", {**config, **patch}, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), {**config, **patch}, tensors, geometry, CPU)
     assert sorted(loaded.lora) == sorted(f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in expected)
     for name, module in loaded.lora.items():
         assert module.scaling == pytest.approx(expected[name.rsplit(".", 1)[1]], rel=1e-12), name
@@ -289,7 +304,7 @@ def test_prefix_layout_is_layer_then_k_or_v_then_head(models, adapters):
     model = models["layers3"]  # 3 layers, 4 query heads over 2 KV heads: layout bugs cannot hide
     geometry = Backbone(model, None, name="tiny3").geometry
     config, tensors = read_peft_dir(adapters("prefix", "layers3"))
-    loaded = load_adapter("t@1", config, tensors, geometry, CPU)
+    loaded = load_adapter(AdapterKey("t", 1), config, tensors, geometry, CPU)
     flat = tensors["prompt_embeddings"]
     layers, kv_heads, head_dim, nvt = 3, 2, 16, config["num_virtual_tokens"]
     assert loaded.prefix_kv.shape == (layers, 2, kv_heads, nvt, head_dim)
@@ -310,5 +325,14 @@ def test_bias_all_on_gpt2_is_refused_for_its_layer_norm_biases(tmp_path):
     config, tensors = read_peft_dir(make_adapter(model, "lora_bias_all", tmp_path / "bias_all"))
     residency = Residency(Backbone(model, None, name="tiny-gpt2"))
     with pytest.raises(AdapterError, match=r"ln_1.bias.*layer norms.*bias='lora_only'"):
-        residency.register("task", config, tensors)
-    assert residency.task_ids() == []
+        serve(residency, "task", files_of(config, tensors))
+    assert list(residency.store.iter_tasks()) == []
+
+
+def test_llama_adapter_on_gpt2_is_refused_as_served_for_the_llama_family():
+    config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 1}
+    tensors = {"base_model.model.transformer.h.1.attn.adaption_prompt": torch.zeros(1, 4, 64)}
+    tensors["base_model.model.transformer.h.1.attn.adaption_gate"] = torch.zeros(1)
+    residency = Residency(Backbone(tiny_gpt2(), None, name="tiny-gpt2"))
+    with pytest.raises(AdapterError, match=r"transformer.h.1.attn.*llama family"):
+        serve(residency, "task", files_of(config, tensors))

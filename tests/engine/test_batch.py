@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft_reference import load_reference, make_adapter, tiny_llama
+from serving import serve, served
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.generation import Generation
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch-adapters")
     dirs = {kind: make_adapter(model, kind, root / kind, seed=i) for i, kind in enumerate(KINDS)}
     for kind, path in dirs.items():
-        residency.register(kind, *read_peft_dir(path))
+        serve(residency, kind, path)
     return Setup(model, backbone, residency, dirs)
 
 
@@ -94,7 +94,7 @@ def test_rows_joining_and_leaving_leave_other_rows_kv_in_place(engine):
 
 def test_a_row_holds_the_kv_it_needs_and_shared_prefixes_once(engine, setup):
     e = engine()
-    prefix_len = setup.residency.get("prefix").prefix_len  # 6 virtual tokens: 2 blocks of 4
+    prefix_len = served(setup.residency, "prefix").prefix_len  # 6 virtual tokens: 2 blocks of 4
     rows = [submit(e, "base", LONG, 5), submit(e, "prefix", (1, 2), 5), submit(e, "prefix", (3,), 5)]
     e.step()  # every prompt prefilled in one step (within the token budget)
     assert [r.computed for r in rows] == [30, 2, 1]
@@ -112,7 +112,7 @@ def test_the_step_is_packed_with_each_rows_own_positions(engine, setup):
     e.step()
     decode = e.batch.prepare([(r, 1) for r in rows])
     assert len(decode.token_ids) == 3  # one input per row, nothing padded
-    soft, prefix = setup.residency.get("prompt").soft_len, setup.residency.get("prefix").prefix_len
+    soft, prefix = served(setup.residency, "prompt").soft_len, served(setup.residency, "prefix").prefix_len
     by_row = dict(zip((r for r, _ in decode.rows), decode.positions.tolist()))
     # the next input sits where single-request PEFT puts it: after the virtual tokens and the prompt
     assert [by_row[r] for r in rows] == [soft + 3, prefix + 2, 1]

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from peft_reference import make_adapter, peft_greedy, tiny_llama
+from serving import serve
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, InvalidRequest, TokenDelta
@@ -37,7 +37,7 @@ def engine(setup):
         EngineSettings(max_step_tokens=8, kv_block_size=4, max_n=4, max_kv_tokens=1024),
     )
     for task, path in dirs.items():
-        engine.residency.register(task, *read_peft_dir(path))
+        serve(engine.residency, task, path)
     yield engine
     engine.stop()
     engine.runner.hooks.remove()

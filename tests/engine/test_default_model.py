@@ -6,17 +6,20 @@ import json
 
 import pytest
 from peft_reference import make_adapter, peft_greedy
+from serving import serve
 from transformers import AutoModelForCausalLM
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.adapters.template import render_ids
 from server.engine.backbone import DEFAULT_MODEL, Backbone, default_cache_dir
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 
-KINDS = ("lora_qv", "lora_rslora", "prefix", "prompt", "ia3", "dora", "lora_bias", "adalora", "loha", "lokr")
+KINDS = (
+    *("lora_qv", "lora_rslora", "prefix", "prompt", "ia3"),
+    *("dora", "lora_bias", "adalora", "loha", "lokr"),
+)
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 12
 
@@ -59,7 +62,7 @@ def test_mixed_batch_on_default_model_matches_peft(backbone, setup):
         assert any(expected[(kind, i)] != expected[("base", i)] for i in range(len(prompts))), kind
     engine = Engine(backbone, EngineSettings())
     for kind, path in dirs.items():
-        engine.residency.register(kind, *read_peft_dir(path))
+        serve(engine.residency, kind, path)
     generations = {}
     for i, prompt in enumerate(prompts):
         for kind in ("base", *KINDS):
@@ -81,8 +84,7 @@ def test_template_task_equals_its_text_inline(backbone):
         "input_suffix": "\nCapital:",
     }
     engine = Engine(backbone, EngineSettings())
-    engine.residency.upload("capitals", {"template.json": json.dumps(template).encode()})
-    adapter = engine.residency.get("capitals")
+    adapter = serve(engine.residency, "capitals", {"template.json": json.dumps(template).encode()})
     sampling = SamplingParams(max_new_tokens=6)
     rows = []
     for country in ("France", "Spain", "Japan"):

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft_reference import EOS_ID, make_adapter, peft_greedy, tiny_llama
+from serving import serve
 
+from adapters_store import AdapterKey
 from server.config import EngineSettings
 from server.engine import engine as engine_module
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.generation import Generation
@@ -62,8 +63,8 @@ def make_engine(env):
 
     def make(**settings) -> Engine:
         engine = Engine(env.backbone, EngineSettings(**settings))
-        engine.residency.register("lora", *read_peft_dir(env.dirs["v1"]))
-        engine.residency.register("prefix", *read_peft_dir(env.dirs["prefix"]))
+        serve(engine.residency, "lora", env.dirs["v1"])
+        serve(engine.residency, "prefix", env.dirs["prefix"])
         engines.append(engine)
         return engine
 
@@ -114,7 +115,9 @@ async def test_concurrent_streams_deliver_deltas_and_usage(make_engine):
         return [delta async for delta in engine.generate(request)]
 
     streams = await asyncio.wait_for(asyncio.gather(*(collect(r) for r in requests)), TIMEOUT)
-    for request, deltas, tokens, version in zip(requests, streams, expected, (None, "lora@1", "prefix@1")):
+    for request, deltas, tokens, version in zip(
+        requests, streams, expected, (None, AdapterKey("lora", 1), AdapterKey("prefix", 1))
+    ):
         *body, last = deltas
         assert all(d.finish_reason is None for d in body)
         assert last.finish_reason == "length"
@@ -273,14 +276,14 @@ def test_hot_swap_keeps_running_rows_on_their_version(env, make_engine):
     old = engine.submit(req(P0, "lora", max_new_tokens=12), old_sink)
     for _ in range(3):
         engine.step()
-    assert engine.residency.register("lora", *read_peft_dir(env.dirs["v2"])).key == "lora@2"
+    assert serve(engine.residency, "lora", env.dirs["v2"]).key == AdapterKey("lora", 2)
     new = engine.submit(req(P0, "lora", max_new_tokens=12), new_sink)
     engine.run_until_idle()
     v1, v2 = (peft_greedy(env.model, env.dirs[v], list(P0), 12) for v in ("v1", "v2"))
     assert v1 != v2  # sanity: the versions disagree on this prompt
     assert old.output_ids == v1 and new.output_ids == v2
-    assert {d.task_version for d in old_sink} == {"lora@1"}
-    assert {d.task_version for d in new_sink} == {"lora@2"}
+    assert {d.task_version for d in old_sink} == {AdapterKey("lora", 1)}
+    assert {d.task_version for d in new_sink} == {AdapterKey("lora", 2)}
 
 
 # --- sampling --------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from peft_reference import load_reference, make_adapter, tiny_llama
+from serving import serve
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, TokenDelta
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     backbone = Backbone(copy.deepcopy(model), None, name="tiny")
     engine = Engine(backbone, EngineSettings(max_step_tokens=4))  # prompts prefill in chunks of 4 inputs
     for task, path in dirs.items():
-        engine.residency.register(task, *read_peft_dir(path))
+        serve(engine.residency, task, path)
     yield model, dirs, engine
     engine.stop()
     engine.runner.hooks.remove()

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, random_biases, tiny_gpt2, tiny_llama
+from serving import serve
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from server.config import EngineSettings
-from server.engine.adapters import read_peft_dir
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
@@ -21,6 +21,7 @@ NEW_TOKENS = 12
 GPT2_KINDS = (
     *("prompt", "prefix", "prefix_proj", "lora_qv", "lora_all", "lora_rslora", "lora_pattern", "ia3"),
     *("dora", "lora_bias", "lora_bias_only", "dora_bias"),  # GPT-2's layers have biases
+    *("vera", "vera_wide"),
 )
 
 
@@ -28,7 +29,7 @@ def make_engine(model, adapter_dirs: dict[str, object], **settings) -> Engine:
     # the engine hooks its backbone's layers; a copy keeps the reference model untouched
     engine = Engine(Backbone(copy.deepcopy(model), None, name="tiny"), EngineSettings(**settings))
     for kind, path in adapter_dirs.items():
-        engine.residency.register(kind, *read_peft_dir(path))
+        serve(engine.residency, kind, path)
     return engine
 
 
@@ -129,6 +130,7 @@ def _tiny(config_class, **extra):
 def test_other_llama_family_models_match_peft_in_a_mixed_batch(config_class, tmp_path):
     model = _tiny(config_class)
     kinds = ("prefix", "prompt", "lora_all", "ia3", "dora", "lora_bias_all", "dora_bias")  # Qwen2: q/k/v biases
+    kinds += ("llama_adapter",) if config_class is MistralConfig else ()  # PEFT's LLaMA-Adapter: llama, mistral
     dirs = {kind: make_adapter(model, kind, tmp_path / kind, seed=i) for i, kind in enumerate(kinds)}
     engine = make_engine(model, dirs)
     generations = {
@@ -140,3 +142,26 @@ def test_other_llama_family_models_match_peft_in_a_mixed_batch(config_class, tmp
     for (kind, i), generation in generations.items():
         expected = peft_greedy(model, dirs.get(kind), PROMPTS[i], NEW_TOKENS)
         assert generation.output_ids == expected, (kind, i)
+
+
+def test_vera_adapters_share_their_projections_in_the_pool_and_match_peft(tmp_path):
+    model = tiny_llama()
+    # two adapters on the same projections (PEFT's default key) with their own vectors, one on others
+    made = {"v0": ("vera", 0), "v1": ("vera", 1), "wide": ("vera_wide", 2)}
+    dirs = {task: make_adapter(model, kind, tmp_path / task, seed=seed) for task, (kind, seed) in made.items()}
+    engine = make_engine(model, dirs)
+    pool = engine.residency.pool
+    assert len(pool.vera_bases) == 2  # v0 and v1 hold one copy of their projections between them
+    generations = {
+        (task, i): engine.submit(request(prompt, task), sink=lambda d: None)
+        for i, prompt in enumerate(PROMPTS)
+        for task in ("v0", "base", "v1", "wide")
+    }
+    engine.run_until_idle()
+    for (task, i), generation in generations.items():
+        assert generation.output_ids == peft_greedy(model, dirs.get(task), PROMPTS[i], NEW_TOKENS), (task, i)
+    assert generations[("v0", 0)].output_ids != generations[("v1", 0)].output_ids  # the vectors do differ
+    engine.residency.delete("v0")
+    assert len(pool.vera_bases) == 2  # v1 still uses them
+    engine.residency.delete("v1")
+    assert len(pool.vera_bases) == 1

@@ -11,7 +11,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from server.engine.adapters import adalora, ia3, lora, lycoris, prefix, prompt  # noqa: F401  (each registers its kind)
+from adapters_store import AdapterKey
+from server.engine.adapters import (  # noqa: F401  (each registers its kind)
+    adalora,
+    adaption_prompt,
+    ia3,
+    lora,
+    lycoris,
+    prefix,
+    prompt,
+    vera,
+)
 from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
 from server.engine.backbone import Geometry
 
@@ -22,7 +32,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def load_adapter(
-    key: str,
+    key: AdapterKey,
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
     geometry: Geometry,
@@ -38,12 +48,18 @@ def load_adapter(
     return kind.load(key, parsed, tensors, geometry, placement)
 
 
-def load_peft_files(config_json: bytes, weights: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Decode `adapter_config.json` and `adapter_model.safetensors`; never unpickles anything."""
-    try:
-        config = json.loads(config_json)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+def load_peft_files(
+    config_json: bytes, weights: bytes, *, config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Decode `adapter_config.json` and `adapter_model.safetensors`; never unpickles anything.
+
+    `config`: the config already parsed from `config_json` (an upload's format check did), not parsed again.
+    """
+    if config is None:
+        try:
+            config = json.loads(config_json)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
+            raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     try:

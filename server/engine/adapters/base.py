@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from adapters_store import AdapterKey
 from server.engine.backbone import Geometry
 
 MODULE_PREFIX = "base_model.model."  # PEFT's wrapper prefix on injected-layer keys
@@ -30,6 +31,31 @@ class LoraModule:
     scaling: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) for rsLoRA
 
 
+@dataclass(frozen=True)
+class VeraBasis:
+    """VeRA's frozen random projections, shared by every layer of an adapter (each takes its top-left corner)."""
+
+    key: str  # a hash of the content: adapters with the same projections share one copy in the pool
+    a: torch.Tensor  # [r, largest in_features]
+    b: torch.Tensor  # [largest out_features, r]
+
+
+@dataclass(frozen=True)
+class VeraModule:
+    basis: VeraBasis
+    lambda_d: torch.Tensor  # [r]
+    lambda_b: torch.Tensor  # [out_features]
+
+
+@dataclass(frozen=True)
+class AdaptionModule:
+    """LLaMA-Adapter in one attention layer: its prompt's keys and values (projected once) and its gate."""
+
+    keys: torch.Tensor  # [kv_heads, adapter_len, head_dim], the model's dtype, no RoPE
+    values: torch.Tensor  # [kv_heads, adapter_len, head_dim]
+    gate: torch.Tensor  # [1]
+
+
 VECTOR_SIDES = ("scale_in", "scale_out", "shift_out")  # the per-layer vectors, in `LoadedAdapter` and `PoolSlots`
 
 
@@ -41,6 +67,7 @@ class PoolSlots:
     scale_in: dict[str, int] = field(default_factory=dict)
     scale_out: dict[str, int] = field(default_factory=dict)
     shift_out: dict[str, int] = field(default_factory=dict)
+    vera: dict[str, tuple[str, int]] = field(default_factory=dict)  # family -> (basis key, slot)
 
 
 @dataclass
@@ -52,10 +79,11 @@ class LoadedAdapter:
 
         y = base(x * scale_in) * scale_out + shift_out + sum of LoRA terms  s * B (A x)
 
-    (IA³: a scale; DoRA: a scale, a shift and a LoRA; LoRA biases and trained base biases: a shift).
+    (IA³: a scale; DoRA: a scale, a shift and a LoRA; LoRA biases and trained base biases: a shift), plus VeRA's
+    `lambda_b * B (lambda_d * A x)` over projections shared across layers and adapters.
     """
 
-    key: str  # immutable identity, e.g. "task@3"; caches key on it
+    key: AdapterKey  # immutable identity (task, version); caches key on it
     kind: str
     soft_prompt: torch.Tensor | None = None  # [virtual_tokens, hidden]
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, virtual_tokens, head_dim]
@@ -64,6 +92,8 @@ class LoadedAdapter:
     scale_in: dict[str, torch.Tensor] = field(default_factory=dict)  # [in_features]
     scale_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [out_features]
     shift_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [out_features]
+    vera: dict[str, VeraModule] = field(default_factory=dict)
+    adaption: dict[str, AdaptionModule] = field(default_factory=dict)  # by attention module name
     slots: PoolSlots | None = None
     pooled_bytes: int = 0  # the per-step weights' bytes, once they live in the pool
     # template tasks: the fixed leading tokens, whose KV the engine computes once into `prefix_kv`
@@ -85,16 +115,21 @@ class LoadedAdapter:
     @property
     def has_layer_weights(self) -> bool:
         """Whether per-layer weights are still held here, on the host, rather than in the pool."""
-        return bool(self.lora or any(getattr(self, side) for side in VECTOR_SIDES))
+        return bool(self.lora or self.vera or any(getattr(self, side) for side in VECTOR_SIDES))
 
     @property
     def per_step(self) -> bool:
-        """Whether every forward must apply this adapter (LoRA family, IA³), not only the prefill."""
-        return self.has_layer_weights or self.slots is not None
+        """Whether every forward must apply this adapter (LoRA family, IA³, LLaMA-Adapter), not only the prefill."""
+        return self.has_layer_weights or self.slots is not None or bool(self.adaption)
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = [t for t in (self.soft_prompt, self.prefix_kv) if t is not None]
         tensors += [t for m in self.lora.values() for t in (m.a, m.b)]
+        tensors += [t for m in self.vera.values() for t in (m.lambda_d, m.lambda_b)]
+        tensors += [t for m in self.adaption.values() for t in (m.keys, m.values, m.gate)]
+        tensors += [
+            t for basis in {m.basis.key: m.basis for m in self.vera.values()}.values() for t in (basis.a, basis.b)
+        ]
         return tensors + [t for side in VECTOR_SIDES for t in getattr(self, side).values()]
 
     @property
@@ -126,7 +161,7 @@ class AdapterKind(Protocol):
 
     def load(
         self,
-        key: str,
+        key: AdapterKey,
         config: Any,
         tensors: Mapping[str, torch.Tensor],
         geometry: Geometry,

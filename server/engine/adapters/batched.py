@@ -17,6 +17,7 @@ slot, and each run is computed the cheaper way:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from server.engine.adapters.base import VECTOR_SIDES, LoadedAdapter
+from server.engine.adapters.base import VECTOR_SIDES, AdaptionModule, LoadedAdapter
 from server.engine.adapters.pool import AdapterPool, LoraFamily
 
 LoraBackendName = Literal["auto", "gathered", "segmented", "loop"]
@@ -74,12 +76,25 @@ class LoraStep:
 
 
 @dataclass(frozen=True)
+class VeraRun:
+    """The tokens of one step whose rows use one pair of VeRA projections in one family."""
+
+    a: torch.Tensor  # [r, largest in]: the shared projections, as pooled
+    b: torch.Tensor  # [largest out, r]
+    tokens: torch.Tensor  # [n] long: their packed indices
+    vectors: torch.Tensor  # [layers, n, r + out]: each token's [lambda_d ; lambda_b]
+
+
+@dataclass(frozen=True)
 class AdapterStep:
     """What every adaptable layer applies in one step, by family."""
 
     lora: dict[str, LoraStep]
     # side -> family -> [layers, tokens, width]: each token's vector (neutral where its row has none)
     vectors: dict[str, dict[str, torch.Tensor]]
+    vera: dict[str, tuple[VeraRun, ...]]  # family -> one run per pair of projections its rows use
+    # LLaMA-Adapter: packed tokens start:end and their row's prompt per attention module
+    adaption: tuple[tuple[int, int, dict[str, AdaptionModule]], ...] = ()
     key: tuple = ()  # (pool generation, backend, each span's slots and length): equal keys, equal step data
 
     @classmethod
@@ -94,16 +109,19 @@ class AdapterStep:
 
         None when no row needs a per-step adapter.
         """
-        placed, start = [], 0
+        placed, adaption, start = [], [], 0
         for adapter, n in spans:
             if adapter is not None and adapter.slots is not None:
                 placed.append((adapter.slots, start, n))
+            if adapter is not None and adapter.adaption:
+                adaption.append((start, start + n, adapter.adaption))
             start += n
-        if not placed:
+        if not placed and not adaption:
             return None
         # A decoding batch repeats its last step's layout: reuse that step whole (the slots objects are the pool's,
         # replaced only by an install or a release, which bump the generation).
         key = (pool.generation, backend, start, tuple((id(slots), s, n) for slots, s, n in placed))
+        key += (tuple((id(prompts), s, e) for s, e, prompts in adaption),)
         if previous is not None and previous.key == key:
             return previous
         total, device = start, pool.device
@@ -123,7 +141,29 @@ class AdapterStep:
                 table = pool.vectors[side][family].vectors
                 per_token[family] = table.index_select(1, torch.tensor(token_slots, device=device))
             vectors[side] = per_token
-        return cls(lora=lora, vectors=vectors, key=key)
+        vera = _vera_runs(placed, pool, device)
+        return cls(lora=lora, vectors=vectors, vera=vera, adaption=tuple(adaption), key=key)
+
+
+def _vera_runs(placed, pool: AdapterPool, device: torch.device) -> dict[str, tuple[VeraRun, ...]]:
+    groups: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # family -> basis -> (tokens, their slots)
+    for slots, start, n in placed:
+        for family, (key, slot) in slots.vera.items():
+            tokens, token_slots = groups.setdefault(family, {}).setdefault(key, ([], []))
+            tokens += range(start, start + n)
+            token_slots += [slot] * n
+    runs = {}
+    for family, by_basis in groups.items():
+        runs[family] = tuple(
+            VeraRun(
+                a=pool.vera_bases[key].a,
+                b=pool.vera_bases[key].b,
+                tokens=torch.tensor(tokens, device=device),
+                vectors=pool.vera[(family, key)].vectors.index_select(1, torch.tensor(token_slots, device=device)),
+            )
+            for key, (tokens, token_slots) in sorted(by_basis.items())
+        )
+    return runs
 
 
 def _lora_step(family, rows, total, device, backend: LoraBackendName, before: LoraStep | None) -> LoraStep:
@@ -185,6 +225,38 @@ def lora_loop(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int
             out[start:end] += delta * family.host_scaling[layer][slot]
 
 
+def apply_vera(x: torch.Tensor, out: torch.Tensor, layer: int, runs: tuple[VeraRun, ...]) -> None:
+    """out [tokens, out] += PEFT's `lambda_b * linear(lambda_d * linear(x, A[:, :in]), B[:out])` per run."""
+    fan_in, fan_out = x.shape[1], out.shape[1]
+    for run in runs:
+        rank = run.a.shape[0]
+        vectors = run.vectors[layer]  # [n, r + out]
+        h = x.index_select(0, run.tokens) @ run.a[:, :fan_in].T * vectors[:, :rank]  # [n, r]
+        out.index_add_(0, run.tokens, (h @ run.b[:fan_out].T) * vectors[:, rank:])
+
+
+def gated_prompt_attention(
+    hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: nn.Module, prompt: AdaptionModule
+) -> torch.Tensor:
+    """PEFT's AdaptedAttention term for some tokens: o_proj(gate * softmax(q K_p^T / sqrt(d)) V_p), [n, hidden].
+
+    hidden [n, hidden] is the attention's input; cos, sin [n, head_dim] the tokens' rotary embeddings. The
+    projections are called as plain linear maps, never through the per-row adapter hooks.
+    """
+    kv_heads, _, head_dim = prompt.keys.shape
+    q_proj, o_proj = attention.q_proj, attention.o_proj
+    q = F.linear(hidden, q_proj.weight, q_proj.bias).view(hidden.shape[0], -1, head_dim)  # [n, heads, d]
+    half = head_dim // 2
+    q = q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin[:, None]  # RoPE, as llama's
+    group = q.shape[1] // kv_heads
+    keys = prompt.keys.repeat_interleave(group, dim=0)  # [heads, len, d]
+    values = prompt.values.repeat_interleave(group, dim=0)
+    scores = q.transpose(0, 1) @ keys.transpose(1, 2) / math.sqrt(head_dim)  # [heads, n, len]
+    scores = prompt.gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = (scores @ values).transpose(0, 1).reshape(hidden.shape[0], -1)  # [n, heads * d]
+    return F.linear(out, o_proj.weight, o_proj.bias)
+
+
 def apply_lora(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
     """out [tokens, out] += the step's LoRA terms for this family's layer. x [tokens, in] fp32."""
     if step.gathered is not None:
@@ -208,6 +280,10 @@ class AdapterHooks:
             module = modules[name]
             self._handles.append(module.register_forward_pre_hook(partial(self._scale_input, family, layer)))
             self._handles.append(module.register_forward_hook(partial(self._adapt_output, family, layer)))
+        for name, module in modules.items():  # attention with q/k/v/o projections: where LLaMA-Adapter attends
+            if all(f"{name}.{p}" in pool.layout for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                hook = partial(self._attend_to_prompt, name)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     @contextmanager
     def active(self, step: AdapterStep | None) -> Iterator[None]:
@@ -233,8 +309,8 @@ class AdapterHooks:
         if step is None:
             return None
         scale, shift = step.vectors["scale_out"].get(family), step.vectors["shift_out"].get(family)
-        lora = step.lora.get(family)
-        if scale is None and shift is None and lora is None:
+        lora, vera = step.lora.get(family), step.vera.get(family)
+        if scale is None and shift is None and lora is None and vera is None:
             return None
         dtype = output.dtype
         out = output.float()  # [1, tokens, out]: the layer's fresh output (or an fp32 copy): ours to update
@@ -242,6 +318,22 @@ class AdapterHooks:
             out[0] *= scale[layer]
         if shift is not None:
             out[0] += shift[layer]
+        x = args[0][0].float() if lora is not None or vera is not None else None  # [tokens, in]
         if lora is not None:
-            apply_lora(args[0][0].float(), out[0], self.pool.lora[family], layer, lora)
+            apply_lora(x, out[0], self.pool.lora[family], layer, lora)
+        if vera is not None:
+            apply_vera(x, out[0], layer, vera)
         return out.to(dtype)
+
+    def _attend_to_prompt(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: tuple):
+        step = self.current
+        runs = [(start, end, m[name]) for start, end, m in step.adaption if name in m] if step is not None else []
+        if not runs:
+            return None
+        hidden = kwargs["hidden_states"][0] if "hidden_states" in kwargs else args[0][0]  # [tokens, hidden]
+        cos, sin = (t[0] for t in kwargs["position_embeddings"])  # [tokens, head_dim]
+        out = output[0].clone()  # [1, tokens, hidden]
+        for start, end, prompt in runs:
+            term = gated_prompt_attention(hidden[start:end], cos[start:end], sin[start:end], module, prompt)
+            out[0, start:end] += term
+        return (out, *output[1:])

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from server.engine.adapters.base import VECTOR_SIDES, LoadedAdapter, PoolSlots
+from server.engine.adapters.base import VECTOR_SIDES, LoadedAdapter, PoolSlots, VeraBasis
 from server.engine.backbone import Geometry
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -173,6 +173,11 @@ class AdapterPool:
             self._shapes[family] = (layers, shape.in_features, shape.out_features)
         self.lora: dict[str, LoraFamily] = {}
         self.vectors: dict[str, dict[str, VectorFamily]] = {side: {} for side in VECTOR_SIDES}  # side -> family ->
+        # VeRA: each distinct pair of projections once, with its users counted; per family and pair, each slot's
+        # [lambda_d ; lambda_b] per layer
+        self.vera_bases: dict[str, VeraBasis] = {}
+        self._vera_users: dict[str, int] = {}
+        self.vera: dict[tuple[str, str], VectorFamily] = {}
         self.generation = 0  # bumped by every install and release: a step's adapter data keys on it
         self._lock = threading.Lock()
 
@@ -203,9 +208,25 @@ class AdapterPool:
                     table = self.vectors[side]
                     pooled = table.setdefault(family, VectorFamily(layers, width, self.device, NEUTRAL[side]))
                     getattr(slots, side)[family] = pooled.install(vectors)
+            self._install_vera(adapter, slots)
             self.generation += 1
         empty = {side: {} for side in VECTOR_SIDES}
-        return replace(adapter, lora={}, **empty, slots=slots, pooled_bytes=adapter.nbytes)
+        return replace(adapter, lora={}, vera={}, **empty, slots=slots, pooled_bytes=adapter.nbytes)
+
+    def _install_vera(self, adapter: LoadedAdapter, slots: PoolSlots) -> None:
+        by_family: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        for name, module in adapter.vera.items():
+            family, layer = self.layout[name]
+            by_family.setdefault((family, module.basis.key), {})[layer] = torch.cat([module.lambda_d, module.lambda_b])
+        for basis in {module.basis.key: module.basis for module in adapter.vera.values()}.values():
+            if basis.key not in self.vera_bases:
+                self.vera_bases[basis.key] = replace(basis, a=basis.a.to(self.device), b=basis.b.to(self.device))
+            self._vera_users[basis.key] = self._vera_users.get(basis.key, 0) + 1
+        for (family, key), vectors in by_family.items():
+            layers, _, fan_out = self._shapes[family]
+            width = self.vera_bases[key].a.shape[0] + fan_out
+            pooled = self.vera.setdefault((family, key), VectorFamily(layers, width, self.device, 0.0))
+            slots.vera[family] = (key, pooled.install({layer: v.to(self.device) for layer, v in vectors.items()}))
 
     def release(self, adapter: LoadedAdapter) -> None:
         """Give the adapter's slots back; call only once no running row uses it."""
@@ -217,10 +238,18 @@ class AdapterPool:
             for side in VECTOR_SIDES:
                 for family, slot in getattr(adapter.slots, side).items():
                     self.vectors[side][family].release(slot)
+            for family, (key, slot) in adapter.slots.vera.items():
+                self.vera[(family, key)].release(slot)
+            for key in {key for key, _ in adapter.slots.vera.values()}:
+                self._vera_users[key] -= 1
+                if not self._vera_users[key]:  # its last user is gone: so are the projections and their tables
+                    del self.vera_bases[key], self._vera_users[key]
+                    self.vera = {k: table for k, table in self.vera.items() if k[1] != key}
             self.generation += 1
 
     @property
     def nbytes(self) -> int:
         """Device bytes the pool has allocated, padding and free slots included."""
         families = [*self.lora.values(), *(f for table in self.vectors.values() for f in table.values())]
-        return sum(f.nbytes for f in families)
+        bases = sum((basis.a.numel() + basis.b.numel()) * 4 for basis in self.vera_bases.values())
+        return sum(f.nbytes for f in [*families, *self.vera.values()]) + bases

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from adapters_store import AdapterKey
 from adapters_store.format import Template, parse_prompt_format, parse_template
 from server.engine.adapters.base import AdapterError, LoadedAdapter
 
 
-def load_template(key: str, data: bytes, tokenizer) -> LoadedAdapter:
+def load_template(key: AdapterKey, data: bytes, tokenizer) -> LoadedAdapter:
     if tokenizer is None:
         raise AdapterError("template tasks need a backbone with a tokenizer")
     template = parse_template(data)
