@@ -118,7 +118,8 @@ def test_unknown_task_is_404(client):
         (lambda f: {"adapter_config.json": f["adapter_config.json"], "adapter_model.bin": b"\x80\x04"}, 422, "pickle"),
         (lambda f: {**f, "adapter_config.json": b"{not json"}, 422, "JSON"),
         (lambda f: {**f, "adapter_model.safetensors": f["adapter_model.safetensors"][:100]}, 422, "safetensors"),
-        (lambda f: {**f, "adapter_config.json": with_config(f, use_dora=True)}, 422, "use_dora"),
+        (lambda f: {**f, "adapter_config.json": with_config(f, use_dora=True)}, 422, "lora_magnitude_vector"),
+        (lambda f: {**f, "adapter_config.json": with_config(f, modules_to_save=["lm_head"])}, 422, "modules_to_save"),
         (lambda f: {**f, "padding.bin": b"0" * 9_000_000}, 413, "limit"),
     ],
 )

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, random_biases, tiny_gpt2, tiny_llama
-from serving import serve
+from serving import serve, tasks_of
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from server.config import EngineSettings
@@ -161,7 +161,7 @@ def test_vera_adapters_share_their_projections_in_the_pool_and_match_peft(tmp_pa
     for (task, i), generation in generations.items():
         assert generation.output_ids == peft_greedy(model, dirs.get(task), PROMPTS[i], NEW_TOKENS), (task, i)
     assert generations[("v0", 0)].output_ids != generations[("v1", 0)].output_ids  # the vectors do differ
-    engine.residency.delete("v0")
+    tasks_of(engine.residency).delete("v0")
     assert len(pool.vera_bases) == 2  # v1 still uses them
-    engine.residency.delete("v1")
+    tasks_of(engine.residency).delete("v1")
     assert len(pool.vera_bases) == 1
