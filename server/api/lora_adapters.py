@@ -22,7 +22,7 @@ from server.api.openai import ERRORS, OpenAIRoute
 from server.api.openai_schemas import OpenAIError, Strict
 from server.api.tasks import _check_writes
 from server.config import Settings
-from server.engine.request import InvalidRequest, UnknownTask
+from server.engine.request import BASE_TASK, InvalidRequest, UnknownTask
 from server.engine.residency import Lease, Residency
 from server.tasks import TaskService
 
@@ -103,6 +103,8 @@ def preload(tasks: TaskService, residency: Residency, settings: Settings) -> lis
             name, is_path, path = entry.partition("=")
             if is_path:
                 log.info(load(tasks, settings, name, path, replace=True, roots=["/"]))
+            if name == BASE_TASK:  # the backbone: always there
+                continue
             key = tasks.current_key(name)
             if key is None:
                 raise UnknownTask(f"preload: the task {name!r} does not exist")

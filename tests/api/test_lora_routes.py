@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from peft_reference import make_adapter, peft_greedy
 from transformers import AutoModelForCausalLM
 
+from adapters_store import AdapterKey
 from server.app import create_app
 from server.config import Settings
 from server.engine.backbone import DEFAULT_MODEL, default_cache_dir
@@ -120,7 +121,7 @@ def test_preload_stores_and_pins_before_ready(backbone, roots):
         task = http.get("/v1/tasks/pre").json()
         assert task["resident"] is True and task["version"] == 1
         engine = http.app.state.engine
-        assert engine.residency.is_resident("pre", 1)
+        assert engine.residency.is_resident(AdapterKey("pre", 1))
 
 
 def test_a_preload_that_fails_fails_start_up(backbone):

@@ -92,5 +92,5 @@ def test_min_tokens_and_special_tokens(client):
 )
 def test_bad_sampling_controls_are_bad_requests(client, params, param):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="base", prompt="x", max_tokens=4, **params)
+        client.completions.create(**{"model": "base", "prompt": "x", "max_tokens": 4, **params})
     assert caught.value.param == param

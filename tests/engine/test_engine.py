@@ -155,8 +155,8 @@ BAD_REQUESTS = [
     (req(LONG_PROMPT[:300], max_new_tokens=10), InvalidRequest, r"needs 310 KV columns; the server holds 300"),
     (req(P0, max_new_tokens=33), InvalidRequest, r"max_new_tokens=33 exceeds this server's limit of 32"),
     (req(()), InvalidRequest, "the prompt is empty"),
-    (req((5, 256)), InvalidRequest, r"prompt token ids must lie in \[0, 256\)"),
-    (req((-1, 5)), InvalidRequest, r"prompt token ids must lie in \[0, 256\)"),
+    (req((5, 256)), InvalidRequest, r"prompt: token ids must lie in \[0, 256\)"),
+    (req((-1, 5)), InvalidRequest, r"prompt: token ids must lie in \[0, 256\)"),
     (req(P0, "no-such-task"), UnknownTask, "no-such-task"),
 ]
 
