@@ -33,7 +33,15 @@ def main() -> None:
             server.should_exit = True
 
     app = create_app(settings, on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
+    )
+    server = uvicorn.Server(config)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down gracefully for, as uvicorn.run swallows it

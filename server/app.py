@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from adapters_store import open_store, redacted
 from server.api import admin, console, docs, errors, generate, health, lora_adapters, metrics, openai, stats, tasks
 from server.api.admission import Admission
-from server.api.auth import KeyRing
+from server.api.auth import BadKeyThrottle, KeyRing
 from server.api.health import ProbeServer, Startup, StoreProbe
 from server.api.limits import BodyLimits
 from server.api.metrics import Metrics, RequestMetrics
@@ -81,6 +81,7 @@ def create_app(
     app.state.tenants = None
     app.state.startup = Startup()
     app.state.keys = keys
+    app.state.bad_keys = BadKeyThrottle(settings.bad_key_attempts)
     app.state.metrics = recorder
     app.state.admission = Admission(settings.max_queue_wait)
     app.state.started_at = int(time.time())

@@ -102,6 +102,13 @@ class Settings(EngineSettings):
     admin_keys the service is open to anyone who can reach it. Prefer the env variable: flags show in `ps`."""
     admin_keys: Keys = []
     """Admin keys, comma-separated: upload, roll back and delete tasks, and everything an inference key may do."""
+    bad_key_attempts: int = Field(default=10, ge=1)
+    """Unknown keys one client (IP address) may present per minute; past it every request from that client is
+    refused with HTTP 429 and Retry-After until the minute refills, whatever key it sends, so keys can't be
+    guessed at speed."""
+    trusted_proxies: Entries = ["127.0.0.1"]
+    """Addresses (comma-separated, or `*`) whose X-Forwarded-For names the client, as behind nginx: the client
+    address the bad-key throttle counts by. `*` only where nothing but the proxy can reach the server."""
     console: bool = True
     """Serve the web console at /console/ (and redirect / there); its data still needs a key when keys are set."""
     adapter_roots: Entries = []
@@ -112,7 +119,7 @@ class Settings(EngineSettings):
     `name=path` pairs (a PEFT directory on this server, stored as task `name` unless identical to its current
     version). /ready answers 503 until they are loaded; one that fails to load fails start-up."""
 
-    @field_validator("api_keys", "admin_keys", "adapter_roots", "preload", mode="before")
+    @field_validator("api_keys", "admin_keys", "adapter_roots", "preload", "trusted_proxies", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """`a,b` (env or flag) or a JSON list; blanks around entries and empty entries are dropped."""

@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from enum import IntEnum
 from typing import Annotated, Any
@@ -25,6 +28,7 @@ from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import Forbidden, Unauthorized
+from server.api.quotas import Bucket, OverQuota
 from server.config import Settings
 from server.engine.request import EngineStopped
 from server.tenants import Caller, Tenants
@@ -85,6 +89,41 @@ class KeyRing:
             log.info("API keys required: %d inference, %d admin", len(self._inference), len(self._admin))
 
 
+class BadKeyThrottle:
+    """Unknown keys per client, as a bucket of `per_minute` attempts refilling over a minute. Thread-safe.
+
+    A client past its attempts is refused before its key is looked at (a right key too: otherwise the answer
+    would tell a guesser which guess was right). At most `clients` clients are remembered, the least recent
+    forgotten first, so a flood of addresses costs bounded memory.
+    """
+
+    def __init__(self, per_minute: int, clients: int = 65536):
+        self._per_minute, self._clients = per_minute, clients
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, client: str) -> None:
+        """429 if `client` has no attempt left."""
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is None or bucket.refill(time.monotonic()) >= 1:
+                return
+            wait = max(1, round(bucket.wait_for(1) + 0.5))
+        raise OverQuota(f"too many invalid API keys from this client: retry in {wait} s", wait, {})
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            bucket = self._buckets.pop(client, None) or Bucket(
+                self._per_minute, self._per_minute / 60, self._per_minute, now
+            )
+            bucket.refill(now)
+            bucket.level -= 1
+            self._buckets[client] = bucket
+            while len(self._buckets) > self._clients:
+                self._buckets.popitem(last=False)
+
+
 def authenticate(request: Request) -> Access:
     """The caller's scope from its key (once per request); 401 without a known key, unless the service is open.
 
@@ -104,6 +143,9 @@ def _identify(request: Request) -> Caller:
     key = _presented_key(request)
     if not key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    throttle: BadKeyThrottle = request.app.state.bad_keys
+    client = request.client.host if request.client is not None else "unknown"
+    throttle.check(client)
     scope = keys.scope_of(key)
     if scope is not None:
         return Caller(admin=scope is Access.ADMIN)
@@ -112,6 +154,7 @@ def _identify(request: Request) -> Caller:
         raise EngineStopped("the key store is still opening")
     record = tenants.lookup(key)
     if record is None:
+        throttle.failed(client)
         raise Unauthorized("invalid API key")
     return Caller(admin=record.scope == "admin", key=record, tenant=tenants.tenant(record.tenant))
 

@@ -102,22 +102,29 @@ class Probe(BaseModel):
 NOT_READY = {503: {"model": Probe, "description": "loading, failed, or the store does not answer"}}
 
 
+SEE_LOG = "details in the server's log"
+
+
 def health_answer(state) -> tuple[int, Probe]:
     """The process is alive (200 while the model loads too); 503 only if start-up failed for good."""
     if state.startup.error is not None:
-        return 503, Probe(status="failed", detail=state.startup.error)
+        return 503, Probe(status="failed", detail=SEE_LOG if not state.keys.open else state.startup.error)
     return 200, Probe(status="ok")
 
 
 def ready_answer(state) -> tuple[int, Probe]:
-    """The backbone is loaded, the engine runs, and the task store answers; else 503 with what is missing."""
+    """The backbone is loaded, the engine runs, and the task store answers; else 503 with what is missing.
+
+    Probes send no key: with keys configured, what went wrong (a store's address, a path) stays in the log.
+    """
+    private = not state.keys.open
     if state.startup.error is not None:
-        return 503, Probe(status="failed", detail=state.startup.error)
+        return 503, Probe(status="failed", detail=SEE_LOG if private else state.startup.error)
     engine, probe = state.engine, getattr(state, "store_probe", None)
     if engine is None or probe is None:
         return 503, Probe(status="loading", detail=state.startup.detail)
     if (problem := probe.problem) is not None:
-        return 503, Probe(status="store unavailable", detail=problem)
+        return 503, Probe(status="store unavailable", detail=SEE_LOG if private else problem)
     return 200, Probe(status="ready", model=engine.backbone.name)
 
 

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.auth import InferenceAccess
 from server.api.usage import LastUse
 
 router = APIRouter(tags=["operations"])
@@ -157,7 +158,7 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(route=route, method=method).observe(time.perf_counter() - started)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[InferenceAccess])
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of this replica's metrics."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -70,7 +70,9 @@ class LiveServer:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of GET /metrics: (name, sorted labels) -> value."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        keys = self.env.get("TASKSERVE_API_KEYS") or self.env.get("TASKSERVE_ADMIN_KEYS")  # a keyed server's need one
+        headers = bearer(keys.split(",")[0]) if keys else None
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
         return parse_metrics(text)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
+import time
 
 import httpx
 import openai
@@ -71,9 +72,26 @@ def test_the_openai_client_sees_authentication_errors(live):
             client.models.list()
 
 
-def test_probes_and_metrics_need_no_key(live):
-    for path in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
+def test_probes_and_docs_need_no_key_and_metrics_do(live):
+    for path in ("/health", "/ready", "/docs", "/openapi.json"):
         assert httpx.get(f"{live.url}{path}", timeout=60).status_code == 200, path
+    assert httpx.get(f"{live.url}/metrics", timeout=60).status_code == 401
+    metrics = httpx.get(f"{live.url}/metrics", headers=bearer(INFERENCE_KEY), timeout=60)
+    assert metrics.status_code == 200 and "taskserve_running_rows" in metrics.text
+
+
+def test_a_client_guessing_keys_is_refused_for_a_while_even_with_a_right_key(backbone, monkeypatch):
+    settings = Settings(store="memory://", api_keys=["right"], bad_key_attempts=3)
+    with TestClient(create_app(settings, backbone=backbone)) as client:
+        assert client.get("/v1/tasks").status_code == 401  # no key at all is not a guess
+        for guess in ("a", "b", "c"):
+            assert client.get("/v1/tasks", headers=bearer(guess)).status_code == 401
+        refused = client.get("/v1/tasks", headers=bearer("right"))
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["message"].startswith("too many invalid API keys from this client")
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + 60)  # a minute later, the attempts have refilled
+        assert client.get("/v1/tasks", headers=bearer("right")).status_code == 200
 
 
 def test_open_mode_says_so_and_lets_anyone_in(backbone, caplog):

@@ -67,17 +67,25 @@ def test_task_reads_answer_while_the_model_loads_and_uploads_wait_for_it(backbon
         assert client.post("/v1/tasks/other/versions", json=template).status_code == 201
 
 
-def test_a_failed_start_says_so_on_both_probes(monkeypatch):
+@pytest.mark.parametrize("keys", [[], ["k"]], ids=["open", "keyed"])
+def test_a_failed_start_says_so_on_both_probes(monkeypatch, keys):
+    """Probes send no key: on a keyed server the failure's text (a path, an address) stays in the log."""
+
     def broken(*args, **kwargs):
-        raise OSError("no such model directory")
+        raise OSError("no such model directory /srv/models/x")
 
     failures = []
     monkeypatch.setattr(Backbone, "load", broken)
-    with TestClient(create_app(Settings(store="memory://"), on_failure=lambda: failures.append(1))) as client:
+    settings = Settings(store="memory://", api_keys=keys)
+    with TestClient(create_app(settings, on_failure=lambda: failures.append(1))) as client:
         wait_until(lambda: client.get("/health").status_code == 503)
         for probe in ("/health", "/ready"):
             body = client.get(probe).json()
-            assert body["status"] == "failed" and "no such model directory" in body["detail"]
+            assert body["status"] == "failed"
+            if keys:
+                assert body["detail"] == "details in the server's log" and "/srv" not in str(body)
+            else:
+                assert "no such model directory /srv/models/x" in body["detail"]
     assert failures == [1]
 
 
