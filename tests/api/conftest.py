@@ -22,7 +22,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         tmp_path_factory.mktemp("live") / "server.log",
         "--max-batch-size",
         "8",
-        env={"TASKSERVE_API_KEYS": f"{INFERENCE_KEY},other-inference-key", "TASKSERVE_ADMIN_KEYS": ADMIN_KEY},
+        env={
+            "TASKSERVE_API_KEYS": f"{INFERENCE_KEY},other-inference-key",
+            "TASKSERVE_ADMIN_KEYS": ADMIN_KEY,
+            "TASKSERVE_BAD_KEY_ATTEMPTS": "1000",  # its tests send wrong keys on purpose; the throttle has its own
+        },
     )
     server.start()
     yield server
