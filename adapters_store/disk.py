@@ -118,6 +118,7 @@ class DiskStore(AdapterStore):
         self._changes = self.root / CHANGES
         self._watches: list[Watch] = []
         self._last_sweep = 0.0
+        self._names: tuple[tuple[int, int, int], list[str]] | None = None  # (tasks/'s stat, its sorted ids)
         with self._os_errors():
             for d in (self._tasks, self._floors, self._tmp, self._trash):
                 d.mkdir(parents=True, exist_ok=True)
@@ -328,11 +329,27 @@ class DiskStore(AdapterStore):
     def list(self, *, after: str | None = None, limit: int = 100) -> Page:
         check_limit(limit)
         with self._os_errors():
-            names = sorted(i for i in map(_task_id, os.listdir(self._tasks)) if TASK_ID.fullmatch(i))
+            names = self._task_names()
             candidates = iter(names[bisect.bisect_right(names, after) if after is not None else 0 :])
             tasks = [s for s in self._summaries(candidates, limit)]
             more = next(self._summaries(candidates, 1), None) is not None
         return Page(tasks=tuple(tasks), next_after=tasks[-1].task_id if more and tasks else None)
+
+    def _task_names(self) -> list[str]:
+        """Every task id, sorted: read again only when `tasks/` changed, so a page costs its own tasks' reads.
+
+        A directory's mtime moves when an entry is added, renamed or removed. A listing taken within a second of
+        its last change is not reused (a filesystem with coarse timestamps could show two changes as one).
+        """
+        stat = os.stat(self._tasks)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_nlink)
+        cached = self._names
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        names = sorted(i for i in map(_task_id, os.listdir(self._tasks)) if TASK_ID.fullmatch(i))
+        if time.time() - stat.st_mtime > 1.0:
+            self._names = (stamp, names)
+        return names
 
     def _summaries(self, names: Iterator[str], limit: int) -> Iterator[TaskSummary]:
         """Summaries for the visible tasks among `names`, at most `limit`; consumes only what it needs."""

@@ -7,6 +7,7 @@ nothing is shared with other processes.
 
 from __future__ import annotations
 
+import heapq
 import json
 import queue
 import threading
@@ -100,7 +101,7 @@ class MemoryStore(AdapterStore):
     def list(self, *, after: str | None = None, limit: int = 100) -> Page:
         check_limit(limit)
         with self._lock:
-            ids = sorted(t for t in self._versions if after is None or t > after)
+            ids = heapq.nsmallest(limit + 1, (t for t in self._versions if after is None or t > after))
             page = ids[:limit]
             tasks = tuple(TaskSummary(t, self._versions[t][self._current[t]].info) for t in page)
         return Page(tasks=tasks, next_after=page[-1] if len(ids) > limit else None)

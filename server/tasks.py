@@ -42,8 +42,6 @@ class DeviceCache(Protocol):
 
     def validate(self, key: AdapterKey, files: Mapping[str, bytes], config: Mapping[str, Any] | None) -> int: ...
 
-    def keep(self, key: AdapterKey, files: Mapping[str, bytes]) -> None: ...
-
     def retire(self, task_id: str, keep: AdapterKey | None = None) -> None: ...
 
 
@@ -125,7 +123,9 @@ class TaskService:
         """Check, validate against the model, then store as the new current version (all or nothing).
 
         Returns (the version, whether it is new): an upload identical to the current version (same files,
-        same backbone, no other description) stores nothing and returns that version.
+        same backbone, no other description) stores nothing and returns that version. Nothing of it stays
+        in memory but its current-version entry: its first request loads it from the store (registering
+        thousands of tasks must not push the warm ones' files out of the host tier).
         """
         validate_task_id(task_id)
         cache = self._cache
@@ -143,7 +143,6 @@ class TaskService:
         info = self.store.put(
             task_id, files, kind=kind, parameters=parameters, backbone=cache.fingerprint, description=description
         )
-        cache.keep(info.key, files)  # the first request skips the store
         self._set_current(info.key)
         return info, True
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -59,9 +60,11 @@ class Geometry:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Stable id of these shapes: adapters validated against one fingerprint fit any backbone with it."""
+        """Stable id of these shapes: adapters validated against one fingerprint fit any backbone with it.
+
+        Computed once (every upload asks, and a model has hundreds of linear layers to serialise)."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -12,7 +12,8 @@ whether an upload can be served at all (`validate`, on the CPU, before anything 
 
 A load's bytes are reserved under the lock before its tensors reach the device, so loads in flight
 count against the budget like resident versions: two loads never both fit where only one does.
-Byte totals are kept as running sums, so making room is one pass over the LRU order.
+Byte totals and the resident count are kept as running sums, so making room is one pass over the LRU
+order and nothing here costs more with more versions resident.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Residency:
         self._device: OrderedDict[AdapterKey, _Entry] = OrderedDict()  # LRU order: least recent first
         self._host: OrderedDict[AdapterKey, Mapping[str, bytes]] = OrderedDict()
         self._device_bytes = 0  # reserved by entries in `_device`, loads in flight included
+        self._reserved = 0  # entries in `_device` holding a reservation (kept as a count: never a scan)
         self._host_bytes = 0
         self._by_task: dict[str, set[AdapterKey]] = {}  # keys held in either tier, for `retire`
         self._lock = threading.Lock()
@@ -234,6 +236,7 @@ class Residency:
             self.stats.evictions += 1
         incoming.nbytes = nbytes
         self._device_bytes += nbytes
+        self._reserved += 1
         self._update_stats()
 
     def _drop(self, entry: _Entry) -> None:
@@ -242,6 +245,7 @@ class Residency:
             return
         del self._device[entry.key]  # the tensors go with the last reference (running rows hold none)
         self._device_bytes -= entry.nbytes
+        self._reserved -= entry.nbytes > 0
         if entry.loaded.done() and entry.loaded.exception() is None:
             self.pool.release(entry.loaded.result())
         self._forget_if_gone(entry.key)
@@ -250,7 +254,7 @@ class Residency:
     def _update_stats(self) -> None:
         self.stats.device_bytes = self._device_bytes
         self.stats.host_bytes = self._host_bytes
-        self.stats.resident = sum(1 for e in self._device.values() if e.nbytes)
+        self.stats.resident = self._reserved
 
     # --- the task layer's side --------------------------------------------------------------------
 
