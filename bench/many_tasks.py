@@ -53,6 +53,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from workload import ROOT, make_prompts  # first: puts the repo and tests/ on the path
 
+# isort: split
 from peft_reference import make_adapter, tiny_llama
 from redis_server import RedisServer
 from serving import peft_files
