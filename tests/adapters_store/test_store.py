@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import shutil
 import subprocess
@@ -189,6 +190,22 @@ def test_list_pages_in_task_id_order(store: AdapterStore) -> None:
     for limit in (0, -1, 1001):
         with pytest.raises(ValueError):
             store.list(limit=limit)
+
+
+def test_disk_listing_sees_tasks_another_replica_made_or_deleted(tmp_path: Path) -> None:
+    """The disk store keeps its sorted task ids between pages; a change by any process must still show at once."""
+    here, there = DiskStore(tmp_path, durable=False), DiskStore(tmp_path, durable=False)
+    for task_id in ("b", "d"):
+        put(there, task_id)
+    old = time.time() - 60
+    os.utime(tmp_path / "tasks", (old, old))  # long unchanged: the listing is kept
+    assert [s.task_id for s in here.list().tasks] == ["b", "d"]
+    assert [s.task_id for s in here.list().tasks] == ["b", "d"]  # from what it kept
+    put(there, "a")
+    there.delete("d")
+    put(there, "c")
+    assert [s.task_id for s in here.list().tasks] == ["a", "b", "c"]
+    assert [s.task_id for s in here.list(after="a", limit=1).tasks] == ["b"]
 
 
 def test_concurrent_puts_from_threads_get_distinct_versions(store_url: str) -> None:

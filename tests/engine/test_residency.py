@@ -68,11 +68,12 @@ def test_eviction_is_lru_respects_pins_and_frees_memory(env):
     uploader, tasks = replica(model, store)
     for name in "abc":
         tasks.upload(name, files(dirs[name]))
-    assert uploader.stats.device_bytes == 0, "an upload waits in the host tier for its first request"
+    # a registered task costs no device or host memory until its first request: it waits in the store
+    assert uploader.stats.device_bytes == 0 and uploader.stats.host_bytes == 0 and uploader.stats.resident == 0
     one = uploader.validate(A, files(dirs["a"]))
     residency = Residency(backbone(model), store, device_bytes=int(2.5 * one))  # room for two
     a, b = residency.acquire(A), residency.acquire(B)
-    assert residency.stats.device_bytes == 2 * one
+    assert residency.stats.device_bytes == 2 * one and residency.stats.resident == 2
     with pytest.raises(ResidencyFull):  # both residents are pinned by running requests
         residency.acquire(C)
     assert residency.is_resident(A) and residency.is_resident(B), "a load that cannot fit evicts nothing"
@@ -80,7 +81,7 @@ def test_eviction_is_lru_respects_pins_and_frees_memory(env):
     a.release()
     c = residency.acquire(C)  # evicts a, the least recently used unpinned version
     assert residency.stats.evictions == 1 and not residency.is_resident(A)
-    assert residency.is_resident(B) and residency.is_resident(C)
+    assert residency.is_resident(B) and residency.is_resident(C) and residency.stats.resident == 2
     assert c.adapter.slots == slots, "an evicted adapter's pool slots must be freed (and are reused first)"
     b.release(), c.release()
     for name in "abc":
@@ -159,6 +160,55 @@ def test_concurrent_requests_for_a_cold_task_load_it_once(env):
         t.join()
     assert len(fetches) == 1 and cold.stats.loads == 1
     assert len({id(lease.adapter) for lease in leases}) == 1
+
+
+def test_a_cold_load_never_holds_up_the_rows_decoding(env):
+    """A request for a task that is not resident waits for its load on a loader thread; the engine keeps stepping
+    the other rows meanwhile, and the cold request then runs as PEFT does."""
+    model, dirs = env
+    store = open_store("memory://")
+    engine = Engine(backbone(model), residency=Residency(backbone(model), store))
+    tasks = TaskService(store, engine.residency)
+    engine.resolve = tasks.current_key
+    for name in "ab":
+        tasks.upload(name, files(dirs[name]))
+    engine.residency.get(A)  # `a` is resident; `b` waits in the store
+    fetching, release = threading.Event(), threading.Event()
+    get = store.get
+
+    def slow_get(task_id, version=None):
+        if task_id == "b":
+            fetching.set()
+            assert release.wait(60), "the test never let the load finish"
+        return get(task_id, version)
+
+    store.get = slow_get
+    outputs, done = {}, {name: threading.Event() for name in "ab"}
+
+    def sink_for(name):
+        def sink(delta):
+            outputs.setdefault(name, []).extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                done[name].set()
+
+        return sink
+
+    def cold_request():  # as the API does: lease (waiting for the load on this thread), then submit
+        lease = engine.residency.acquire(tasks.current_key("b"))
+        engine.submit(GenerationRequest(PROMPT, SamplingParams(max_new_tokens=8), task_id="b"), sink_for("b"), lease)
+
+    with engine:
+        client = threading.Thread(target=cold_request)
+        client.start()
+        assert fetching.wait(60)
+        engine.submit(GenerationRequest(PROMPT, SamplingParams(max_new_tokens=8), task_id="a"), sink_for("a"))
+        assert done["a"].wait(60), "a resident task's row must finish while another task's load is stuck"
+        assert not done["b"].is_set() and not engine.residency.is_resident(B)
+        release.set()
+        client.join(60)
+        assert done["b"].wait(60)
+    assert outputs["a"] == peft_greedy(model, dirs["a"], list(PROMPT), 8)
+    assert outputs["b"] == peft_greedy(model, dirs["b"], list(PROMPT), 8)
 
 
 def test_hot_swap_and_delete_reach_another_replica_within_a_second(env, tmp_path):
