@@ -75,7 +75,8 @@ class ModelRunner:
     def prefix_kv(self, token_ids: tuple[int, ...]) -> torch.Tensor:
         """The KV of `token_ids` at positions 0..n-1, base model: [layers, 2, kv_heads, n, head_dim]."""
         cache = DynamicCache(config=self.backbone.config)
-        self.backbone.model(input_ids=torch.tensor([token_ids], device=self.device), cache=cache, use_cache=True)
+        ids = torch.tensor([token_ids], device=self.device)
+        self.backbone.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # the KV is what we want
         return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
