@@ -418,6 +418,15 @@ def run_store(args, argv: list[str], store: str, workdir: Path) -> dict:
                 f"zipf {entry['zipf']['tokens_per_s']:.0f} ({entry['zipf']['first_touch']} first touches)"
             )
         result["rounds"] = rounds
+        if args.warm_all:  # every task resident: what is left of the gap is the batches' diversity, not loads
+            big("warm", ids=ranked)
+            result["zipf_all_resident"] = [
+                {
+                    name: remote("load", ids=ids, seconds=args.seconds, clients=HOT, seed=r)
+                    for name, remote, ids in (("zipf", big, ranked), ("big", big, hot))
+                }
+                for r in range(args.rounds)
+            ]
         if args.profile:
             result["profile"] = big("profile", ids=ranked, seconds=args.seconds, clients=HOT, path=args.profile)
         return result
@@ -467,6 +476,11 @@ def report(results: list[dict], args) -> None:
             f"{_mean(r, 'zipf', 'gc_ms_per_s'):.1f}, {_mean(r, 'big', 'gc_ms_per_s'):.1f}",
         )
     console.print(table)
+    for r in results:
+        if "zipf_all_resident" in r:
+            zipf = sum(x["zipf"]["tokens_per_s"] for x in r["zipf_all_resident"])
+            hot = sum(x["big"]["tokens_per_s"] for x in r["zipf_all_resident"])
+            console.print(f"{r['store']}: with every task resident, zipf / 32 resident = {zipf / hot:.2f}")
 
 
 def _mean(result: dict, load: str, field: str) -> float:
@@ -487,6 +501,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--adapters", type=Path, default=Path(tempfile.gettempdir()) / "taskserve-many-tasks-adapters")
+    p.add_argument("--warm-all", action="store_true", help="then load every task and run the Zipf load again")
     p.add_argument("--profile", help="also profile a Zipf round on the big server into this file (cProfile)")
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
