@@ -41,7 +41,7 @@ class AdaptionPromptConfig:
 
 
 class AdaptionPromptKind:
-    peft_types = ("ADAPTION_PROMPT",)
+    kinds = ("adaption_prompt",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> AdaptionPromptConfig:
         require_layer_task(raw)
