@@ -27,8 +27,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.buckets import Bucket
 from server.api.errors import Forbidden, Unauthorized
-from server.api.quotas import Bucket, OverQuota
+from server.api.quotas import OverQuota
 from server.config import Settings
 from server.engine.request import EngineStopped
 from server.tenants import Caller, Tenants
