@@ -45,6 +45,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     task_id: str = BASE_TASK
+    version: int | None = None  # a stored version of the task; None: its current one
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
