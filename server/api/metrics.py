@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import InferenceAccess
+from server.api.auth import GlobalAccess
 from server.api.usage import LastUse
 from server.engine.request import TokenDelta
 from server.tenants import Caller
@@ -285,7 +285,8 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(route=route, method=method).observe(time.perf_counter() - started)
 
 
-@router.get("/metrics", response_class=Response, dependencies=[InferenceAccess])
+@router.get("/metrics", response_class=Response, dependencies=[GlobalAccess])
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this replica's metrics."""
+    """Prometheus text exposition of this replica's metrics; a tenant's key is refused (403): they name every
+    tenant (and, opted in, task ids)."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -159,6 +159,8 @@ def test_per_tenant_and_opted_in_per_task_series_after_requests(backbone):
             assert answer.status_code == status, answer.text
             usages.append(answer.json().get("usage"))
         after = parse_metrics(client.get("/metrics", headers=root).text)
+        tenant_scrape = client.get("/metrics", headers=team_a)  # the series name other tenants and their tasks
+        assert tenant_scrape.status_code == 403 and "TASKSERVE_API_KEYS" in tenant_scrape.json()["error"]["message"]
 
     def moved(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
