@@ -28,7 +28,7 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def test_take_is_all_or_nothing_and_charges_overdraw(stores):
-    kind, buckets, _ = stores
+    _, buckets, _ = stores
     assert buckets.take([REQUESTS, TOKENS]) is None
     buckets.charge([TOKENS], 150)  # a long answer: the balance goes below zero
     short = buckets.take([REQUESTS, TOKENS])
