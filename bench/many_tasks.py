@@ -139,7 +139,7 @@ class Server:
         self.residency = Residency(self.backbone, self.store)
         self.tasks.attach(self.residency)
         settings = EngineSettings(max_batch_size=64, max_queue=4096)
-        self.engine = Engine(self.backbone, settings, self.residency, resolve=self.tasks.current_key).start()
+        self.engine = Engine(self.backbone, settings, self.residency, resolve=self.tasks.key).start()
         self.prompts = make_prompts(self.backbone.tokenizer, 64, args.prompt_tokens, seed=3)
         self.sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         self.registered = 0

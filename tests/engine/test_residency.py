@@ -169,7 +169,7 @@ def test_a_cold_load_never_holds_up_the_rows_decoding(env):
     store = open_store("memory://")
     engine = Engine(backbone(model), residency=Residency(backbone(model), store))
     tasks = TaskService(store, engine.residency)
-    engine.resolve = tasks.current_key
+    engine.resolve = tasks.key
     for name in "ab":
         tasks.upload(name, files(dirs[name]))
     engine.residency.get(A)  # `a` is resident; `b` waits in the store
