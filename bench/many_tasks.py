@@ -42,6 +42,7 @@ import threading
 import time
 import tracemalloc
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -147,15 +148,15 @@ class Server:
 
     # registration
 
-    def register(self, count: int, every: int) -> dict:
-        """Upload tasks registered..count; the upload rate over each `every` uploads."""
+    def register(self, count: int, every: int, threads: int = 1) -> dict:
+        """Upload tasks registered..count from `threads` uploaders; the upload rate over each `every` uploads."""
         rates = []
+        pool = ThreadPoolExecutor(threads)
         while self.registered < count:
             batch = range(self.registered, min(count, self.registered + every))
             files = [self.variants.files(i) for i in batch]  # made before the clock starts
             started = time.perf_counter()
-            for i, f in zip(batch, files):
-                self.tasks.upload(self.variants.task_id(i), f)
+            list(pool.map(lambda i, f: self.tasks.upload(self.variants.task_id(i), f), batch, files))
             rates.append((batch.stop, len(batch) / (time.perf_counter() - started)))
             self.registered = batch.stop
         return {"rates": rates}
@@ -394,7 +395,8 @@ def run_store(args, argv: list[str], store: str, workdir: Path) -> dict:
     big, small = Remote(argv, url("big")), Remote(argv, url("small"))
     try:
         every = max(100, args.tasks // 10)
-        result = {"store": store, "uploads": big("register", count=args.tasks, every=every)["rates"]}
+        rates = big("register", count=args.tasks, every=every, threads=args.upload_threads)["rates"]
+        result = {"store": store, "uploads": rates, "upload_threads": args.upload_threads}
         small("register", count=HOT, every=HOT)
         result["memory"] = big("memory", extra=args.memory_sample)
         result["listing"] = big("listing", limit=100)
@@ -439,7 +441,10 @@ def run_store(args, argv: list[str], store: str, workdir: Path) -> dict:
 
 def report(results: list[dict], args) -> None:
     for r in results:
-        table = Table(title=f"{args.tasks} tasks, {r['store']} store: uploads per second by tasks registered")
+        table = Table(
+            title=f"{args.tasks} tasks, {r['store']} store, {args.upload_threads} uploader(s): "
+            "uploads per second by tasks registered"
+        )
         table.add_column("registered", justify="right")
         table.add_column("uploads/s", justify="right")
         for count, rate in r["uploads"]:
@@ -495,6 +500,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="rounds alternating the two servers")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--upload-threads", type=int, default=1, help="concurrent uploaders (1: one after another)")
     p.add_argument("--memory-sample", type=int, default=200, help="registrations traced for memory per task")
     p.add_argument("--ttft-samples", type=int, default=15)
     p.add_argument("--tiny", action="store_true", help="a 4-layer model instead of the default (overheads show)")
