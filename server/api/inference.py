@@ -55,6 +55,7 @@ async def start_choices(
     prompt: str | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
     prompt_ids: Sequence[int] | None = None,
+    tools: list[dict] | None = None,
     fill_context: bool = False,
     metrics: Metrics | None = None,
     admission: Admission | None = None,
@@ -70,6 +71,8 @@ async def start_choices(
     started = time.perf_counter()
     if caller is not None and not caller.sees(task_id):
         raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
+    if sampling.constraint is not None:  # checked and compiled off the event loop (then cached for the rows)
+        await run_in_threadpool(engine.grammars.compile, sampling.constraint)
     spend = admission.quotas.admit(caller) if admission is not None and caller is not None else None
     tickets: list[Ticket] = []
     try:
@@ -81,7 +84,7 @@ async def start_choices(
             metrics.last_use.touch(task_id)
         try:
             ids = await run_in_threadpool(
-                encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids
+                encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids, tools=tools
             )
             if fill_context:
                 room = room_for(engine, lease.adapter, ids)
@@ -118,9 +121,10 @@ def encode(
     prompt: str | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
     prompt_ids: Sequence[int] | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[int, ...]:
     """A request's token ids: the prompt, the chat-templated messages, what a template task wraps, or the token ids
-    given as they are."""
+    given as they are. `tools` go to the chat template (a template that does not render them ignores them)."""
     tokenizer = engine.backbone.tokenizer
     if prompt_ids is not None:
         if adapter is not None and adapter.template is not None:
@@ -133,7 +137,7 @@ def encode(
     elif messages is not None:
         try:
             ids = tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+                [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except ValueError as exc:  # e.g. the tokenizer has no chat template
             raise InvalidRequest(f"cannot apply the chat template: {exc}") from None

@@ -27,6 +27,7 @@ from server.engine.backbone import Backbone
 from server.engine.batch import Batch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.generation import Generation, Sink, shared_leases
+from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVPool
 from server.engine.request import (
     BASE_TASK,
@@ -94,6 +95,7 @@ class Engine:
             block_size=self.pool.block_size,
         )
         self.runner = ModelRunner(backbone, self.residency.pool)
+        self.grammars = Grammars(backbone.tokenizer, g.vocab_size, backbone.eos_token_ids)  # structured outputs
         self.batch = Batch(self.pool, self.residency.pool, lora_backend=settings.lora_backend)
         self.waiting = WaitingQueue(settings.max_queue)
         self.steps = 0
@@ -168,9 +170,9 @@ class Engine:
         self._check_ids(request)
         lease = lease or self.residency.acquire(self.resolve(request.task_id))
         leases = shared_leases(lease, n) if n > 1 else [lease]
-        row = self._row(request, leases[0], sink)
-        row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
         try:
+            row = self._row(request, leases[0], sink)
+            row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
             self._validate(row)
             self.waiting.push(row)
         except BaseException:
@@ -194,8 +196,11 @@ class Engine:
             raise UnknownTask(f"unknown task {task_id!r}") from None
 
     def _row(self, request: GenerationRequest, lease: Lease, sink: Sink) -> Generation:
+        """One row; a constrained one gets a matcher of its own (each of n choices walks its grammar alone)."""
         vocab, device = self.backbone.geometry.vocab_size, self.backbone.device
-        return Generation(request, lease, sink, self.backbone.eos_token_ids, device, vocab=vocab)
+        constraint = request.sampling.constraint
+        matcher = None if constraint is None else self.grammars.matcher(constraint)
+        return Generation(request, lease, sink, self.backbone.eos_token_ids, device, vocab=vocab, matcher=matcher)
 
     def generate(self, request: GenerationRequest, lease: Lease | None = None) -> AsyncIterator[TokenDelta]:
         """Submit now (bad input and a full queue raise here), then stream text deltas in asyncio.
@@ -443,8 +448,9 @@ def _with_text(
             yield delta
         else:
             shown = delta.token_ids
-            if delta.finish_reason == "stop" and not detokenizer.include_stop:
-                shown = shown[:-1]
+            ended_by_token = delta.finish_reason == "stop" and bool(shown) and shown[-1] in row.end_ids
+            if ended_by_token and not detokenizer.include_stop:
+                shown = shown[:-1]  # EOS or a stop token; a grammar that completes ends on a token of its output
             text = "".join(detokenizer.push(t) for t in shown)
             reason = "stop" if detokenizer.stopped else delta.finish_reason
             if reason is not None:

@@ -146,7 +146,7 @@ def test_bad_parameters_are_bad_requests(client, params, param):
         assert caught.value.param == param
 
 
-@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_json"])
+@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_decoding_backend"])
 def test_an_unknown_field_is_a_bad_request_naming_it(client, field):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt="x", max_tokens=2, extra_body={field: 1})
