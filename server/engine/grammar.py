@@ -98,7 +98,7 @@ def _grammar(constraint: Constraint) -> str:
     kind, text = constraint.kind, constraint.text
     try:
         if kind == "json":
-            return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            return llguidance.LLMatcher.grammar_from_json_schema(_closed(json.loads(text)), defaults=JSON_OPTIONS)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(text)
         if kind == "choice":
@@ -111,33 +111,40 @@ def _grammar(constraint: Constraint) -> str:
         raise InvalidRequest(f"{constraint.param}: {_first_line([str(exc)])}", param=constraint.param) from None
 
 
+def _closed(schema):
+    """The schema with `additionalProperties: false` on every object schema that names its properties and says
+    nothing of others (OpenAI's strict mode; vLLM's `disable_additional_properties`). What is generated still
+    validates against the schema as sent; a small model left free to add properties adds them until max_tokens."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "additionalProperties" not in schema and ("properties" in schema or "patternProperties" in schema):
+        closed["additionalProperties"] = False
+    return closed
+
+
 def _first_line(messages: list[str]) -> str:
     text = (messages[0] if messages else "invalid grammar").strip()
     return text.splitlines()[0] if text else "invalid grammar"
 
 
-_executors: list[llguidance.LLExecutor] = []
-
-
-def _executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool, which computes the rows' masks in parallel (made once, on first use)."""
-    if not _executors:
-        _executors.append(llguidance.LLExecutor())
-    return _executors[0]
-
-
 def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> torch.Tensor:
-    """logits [batch, vocab] fp32 -> the same tensor with each constrained row's disallowed tokens at -inf. Rows
-    without a matcher are left as they are; the masks are computed on the CPU (where the matchers live) while
-    the device still runs the step, then applied together."""
+    """logits [batch, vocab] fp32 -> a tensor with each constrained row's disallowed tokens at -inf; rows without a
+    matcher are left as they are. The masks are computed on the CPU, where the matchers live: on an accelerator
+    that overlaps the step's forward, which is still running (nothing has waited for the logits yet)."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
     bitmask = torch.full(((len(rows), (vocab + 31) // 32)), -1, dtype=torch.int32)  # [n, words], CPU
-    llguidance.torch.fill_next_token_bitmask_par(_executor(), [(matchers[i], j) for j, i in enumerate(rows)], bitmask)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(len(rows), -1)[:, :vocab]  # [n, vocab]
-    index = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, index).masked_fill(~allowed.to(logits.device), float("-inf"))
+    for j, i in enumerate(rows):  # microseconds a row: llguidance's thread pool would only add spinning threads
+        llguidance.torch.fill_next_token_bitmask(matchers[i], bitmask, j)
+    device = logits.device
+    bits = torch.arange(32, dtype=torch.int32, device=device)
+    words = bitmask.to(device, non_blocking=True)  # 32 tokens a word: the bits cross to the device, not the bools
+    allowed = ((words[:, :, None] >> bits) & 1).bool().reshape(len(rows), -1)[:, :vocab]  # [n, vocab]
+    index = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
     return logits.index_copy(0, index, sub)
