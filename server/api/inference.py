@@ -36,8 +36,9 @@ def sampling_params(**fields) -> SamplingParams:
     """`SamplingParams(**fields)`, its refusals as a 400."""
     try:
         return SamplingParams(**fields)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+    except ValueError as exc:  # its messages start with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise InvalidRequest(str(exc), param=name if name in SamplingParams.__dataclass_fields__ else None) from None
 
 
 async def start_generation(
@@ -128,10 +129,11 @@ def encode(
     tokenizer = engine.backbone.tokenizer
     if prompt_ids is not None:
         if adapter is not None and adapter.template is not None:
-            raise InvalidRequest("this task wraps text in its template: send the prompt as text, not token ids")
+            message = "this task wraps text in its template: send the prompt as text, not token ids"
+            raise InvalidRequest(message, param="prompt")
         ids = list(prompt_ids)
     elif tokenizer is None:
-        raise InvalidRequest("this backbone has no tokenizer, so it takes no text")
+        raise InvalidRequest("this backbone has no tokenizer, so it takes no text", param="prompt")
     elif adapter is not None and adapter.template is not None:
         return render_ids(adapter, prompt if prompt is not None else _sole_user_input(messages), tokenizer)
     elif messages is not None:
@@ -140,14 +142,16 @@ def encode(
                 [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except ValueError as exc:  # e.g. the tokenizer has no chat template
-            raise InvalidRequest(f"cannot apply the chat template: {exc}") from None
+            raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from None
     else:
         ids = tokenizer.encode(prompt or "")
     if not ids:
-        raise InvalidRequest("the prompt is empty")
+        raise InvalidRequest("the prompt is empty", param="prompt")
     limit = engine.backbone.geometry.context_length
     if len(ids) >= limit:  # refused here, on this thread, rather than checked token by token on the event loop
-        raise InvalidRequest(f"the prompt is {len(ids)} tokens; the context length is {limit}")
+        raise InvalidRequest(
+            f"the prompt is {len(ids)} tokens; the context length is {limit}", "prompt", "context_length_exceeded"
+        )
     return tuple(ids)
 
 
@@ -155,7 +159,8 @@ def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
     if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     raise InvalidRequest(
-        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation"
+        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation",
+        param="messages",
     )
 
 

@@ -90,7 +90,7 @@ def _no_such_model(engine: Engine, model: str) -> UnknownTask:
 
 def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scoring) -> SamplingParams:
     if max_tokens > server_limit:
-        raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}")
+        raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}", "max_tokens")
     return sampling_params(
         **scoring,
         **body.controls(),

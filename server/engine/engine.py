@@ -270,7 +270,7 @@ class Engine:
     def _check_ids(self, request: GenerationRequest) -> None:
         """Every token id the request names lies in the vocabulary (checked before any tensor is indexed by one)."""
         if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         vocab, sampling = self.backbone.geometry.vocab_size, request.sampling
         for name, ids in (
             ("prompt", request.prompt_ids),
@@ -284,23 +284,26 @@ class Engine:
         sampling, limit = row.sampling, self.backbone.geometry.context_length
         n, most = sampling.n, min(self.settings.max_n, self.settings.max_batch_size)
         if n > most:
-            raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt")
+            raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt", param="n")
         asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
         if asked > allowed:
-            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
+            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}", "max_new_tokens")
         columns = row.prefix_len + row.kv_tokens
         if columns > limit:
             virtual = row.prefix_len + row.soft_len
             raise InvalidRequest(
                 f"prompt ({len(row.prompt_ids)} tokens + {virtual} virtual) + max_new_tokens ({asked}) "
-                f"exceeds the context length of {limit}"
+                f"exceeds the context length of {limit}",
+                param="max_new_tokens",
+                code="context_length_exceeded",
             )
         if reserved_blocks(row, self.pool.block_size) > self.pool.capacity_blocks:
             raise InvalidRequest(
-                f"this request needs {columns} KV columns; the server holds {self.settings.max_kv_tokens}"
+                f"this request needs {columns} KV columns; the server holds {self.settings.max_kv_tokens}",
+                param="max_new_tokens",
             )
         if sampling.stop and self.backbone.tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer, and this backbone has none")
+            raise InvalidRequest("stop strings need a tokenizer, and this backbone has none", param="stop")
 
     # --- the loop ---------------------------------------------------------------------------------
 

@@ -60,17 +60,18 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[Constraint, str] = OrderedDict()
 
-    @property
-    def tokenizer(self) -> llguidance.LLTokenizer:
+    def tokenizer(self, param: str | None = None) -> llguidance.LLTokenizer:
+        """The backbone's tokenizer as llguidance reads it; `param`: the field a refusal names."""
         with self._lock:
             if self._tokenizer is None:
                 if self._hf is None:
-                    raise InvalidRequest("structured outputs need a tokenizer, and this backbone has none")
+                    raise InvalidRequest("structured outputs need a tokenizer, and this backbone has none", param)
                 try:
                     eos = self._eos or None
                     self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size, eos_token=eos)
                 except ValueError as exc:
-                    raise InvalidRequest(f"structured outputs are not available for this tokenizer: {exc}") from None
+                    message = f"structured outputs are not available for this tokenizer: {exc}"
+                    raise InvalidRequest(message, param) from None
             return self._tokenizer
 
     def compile(self, constraint: Constraint) -> str:
@@ -80,7 +81,8 @@ class Grammars:
                 self._compiled.move_to_end(constraint)
                 return grammar
         grammar = _grammar(constraint)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        tokenizer = self.tokenizer(constraint.param)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if failed:
             raise InvalidRequest(f"{constraint.param}: {_first_line(messages)}", param=constraint.param)
         with self._lock:
@@ -91,7 +93,7 @@ class Grammars:
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
         """A fresh matcher at the start of `constraint`'s grammar: one per row."""
-        return llguidance.LLMatcher(self.tokenizer, self.compile(constraint), log_level=0)
+        return llguidance.LLMatcher(self.tokenizer(constraint.param), self.compile(constraint), log_level=0)
 
 
 def _grammar(constraint: Constraint) -> str:

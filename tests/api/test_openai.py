@@ -132,18 +132,25 @@ def test_an_unknown_model_is_not_found(client, model):
         ({"prompt": [], "n": 2}, "prompt"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 100_000}, None),
-        ({"stop": [""]}, None),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
         ({"logprobs": 21}, "logprobs"),
-        ({"prompt": "x " * 9000}, None),
+        ({"prompt": "x " * 9000}, "prompt"),
     ],
 )
 def test_bad_parameters_are_bad_requests(client, params, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**{"model": "base", "prompt": "x", "max_tokens": 4, **params})
-    assert caught.value.type == "invalid_request_error"
-    if param is not None:
-        assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error" and caught.value.param == param
+
+
+def test_a_prompt_past_the_context_is_named_as_each_route_calls_it(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x " * 9000}], max_tokens=2)
+    assert caught.value.param == "messages" and caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x " * 7000, max_tokens=2000)
+    assert caught.value.param == "max_tokens" and caught.value.code == "context_length_exceeded"
 
 
 @pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_decoding_backend"])
