@@ -23,6 +23,7 @@ from adapters_store import (
     TaskNotFound,
     TaskSummary,
     VersionInfo,
+    VersionNotFound,
 )
 from adapters_store.base import BASE_TASK, MAX_PAGE, content_sha256, validate_task_id
 from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_KIND, inspect_peft, parse_template
@@ -45,6 +46,8 @@ class DeviceCache(Protocol):
     def keep(self, key: AdapterKey, files: Mapping[str, bytes]) -> None: ...
 
     def retire(self, task_id: str, keep: AdapterKey | None = None) -> None: ...
+
+    def is_resident(self, key: AdapterKey) -> bool: ...
 
 
 class TaskService:
@@ -85,6 +88,19 @@ class TaskService:
                 version = self._current.setdefault(task_id, version)
         return AdapterKey(task_id, version)
 
+    def key(self, task_id: str, version: int | None = None) -> AdapterKey | None:
+        """The version a request runs on: the current one, or the stored `version` it names (to compare
+        versions side by side, or to keep serving one while a newer is tried)."""
+        if version is None:
+            return self.current_key(task_id)
+        if task_id == BASE_TASK:
+            raise VersionNotFound("'base' is the backbone alone: it has no versions")
+        info = self.store.info(task_id)
+        if all(v.version != version for v in info.versions):
+            kept = ", ".join(str(v.version) for v in info.versions)
+            raise VersionNotFound(f"task {task_id!r} has no version {version} (it keeps {kept})")
+        return AdapterKey(task_id, version)
+
     def info(self, task_id: str) -> TaskInfo:
         return self.store.info(task_id)
 
@@ -116,6 +132,11 @@ class TaskService:
 
     def files(self, key: AdapterKey) -> Artifact:
         return self.store.get(key.task_id, key.version)
+
+    def is_resident(self, key: AdapterKey) -> bool:
+        """Whether the version is on this replica's device (never, while the model loads)."""
+        cache = self._cache
+        return cache is not None and cache.is_resident(key)
 
     # --- writes -----------------------------------------------------------------------------------
 

@@ -383,3 +383,16 @@ def test_chat_template_renders_messages() -> None:
 def test_bad_templates_are_refused(data: bytes, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         parse_template(data)
+
+
+def test_the_store_and_its_kinds_table_never_import_torch_or_the_server() -> None:
+    """The clients read the same table of kinds and the same checks as the server, without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adapters_store.format, adapters_store.kinds, adapters_store.buckets, adapters_store.redis\n"
+        "print(sorted(m for m in ('torch', 'server') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
