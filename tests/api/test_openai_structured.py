@@ -9,6 +9,7 @@ import re
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 CHAT = [{"role": "user", "content": "Describe a person called Ann as JSON."}]
 PERSON = {
@@ -170,3 +171,22 @@ def test_tool_choice_none_ignores_the_tools(client):
     ignored = chat(client, max_tokens=8, tools=[WEATHER], tool_choice="none")
     assert ignored.choices[0].message.content == plain.choices[0].message.content
     assert ignored.choices[0].message.tool_calls is None
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=150)
+
+
+def test_the_clients_own_parse_helpers_work_unchanged(client):
+    """`chat.completions.parse` sends a strict schema made from a pydantic model, and parses what comes back."""
+    done = client.chat.completions.parse(
+        model="base", messages=CHAT, temperature=0, max_tokens=80, response_format=Person
+    )
+    assert isinstance(done.choices[0].message.parsed, Person)
+    called = client.chat.completions.parse(
+        model="base", messages=CHAT, temperature=0, max_tokens=80,
+        tools=[openai.pydantic_function_tool(Person, name="save_person")],
+        tool_choice={"type": "function", "function": {"name": "save_person"}},
+    )  # fmt: skip
+    assert isinstance(called.choices[0].message.tool_calls[0].function.parsed_arguments, Person)
