@@ -8,7 +8,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
@@ -54,7 +54,7 @@ async def start_choices(
     sampling: SamplingParams,
     *,
     prompt: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     prompt_ids: Sequence[int] | None = None,
     tools: list[dict] | None = None,
     fill_context: bool = False,
@@ -139,7 +139,7 @@ def encode(
     adapter: LoadedAdapter | None,
     *,
     prompt: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     prompt_ids: Sequence[int] | None = None,
     tools: list[dict] | None = None,
 ) -> tuple[int, ...]:
@@ -174,7 +174,7 @@ def encode(
     return tuple(ids)
 
 
-def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
+def _sole_user_input(messages: Sequence[Mapping[str, Any]] | None) -> str:
     if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     raise InvalidRequest(

@@ -225,7 +225,8 @@ async def chat_completions(
     sampling = _sampling(
         body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked, n=body.n
     )
-    messages = [m.native() for m in body.messages]
+    renders_tools = "tool_calls" in (getattr(engine.backbone.tokenizer, "chat_template", None) or "")
+    messages = [m.native(renders_tools) for m in body.messages]
     calls = body.tool_calls
     tools = None if calls is None else [t.template() for t in calls.tools]  # for templates that render them
     prompts = [{"messages": messages, "fill_context": body.limit is None, "tools": tools}]

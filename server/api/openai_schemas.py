@@ -7,6 +7,7 @@ therefore never gets output that silently differs from what it asked for. `docs/
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
@@ -145,15 +146,53 @@ class ContentPart(Strict):
     text: Text
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[ContentPart]
-    name: str | None = Field(default=None, description="accepted; the chat template does not render it")
+class CalledFunction(Strict):
+    name: str
+    arguments: Text = Field(description="the arguments as JSON text")
 
-    def native(self) -> dict[str, str]:
-        """What the chat template takes: developer messages are system messages; text parts are joined."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+class MessageToolCall(Strict):
+    """A call an earlier assistant turn made, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
+    name: str | None = Field(default=None, description="accepted; the chat template does not render it")
+    tool_calls: list[MessageToolCall] | None = Field(default=None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(default=None, description="tool: the call this message answers")
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message, and only one, carries tool_call_id: the call it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (an assistant message may carry tool_calls instead)")
+        return self
+
+    def native(self, renders_tools: bool = False) -> dict[str, Any]:
+        """What the chat template takes: developer messages are system messages; text parts are joined. Calls go
+        as `tool_calls` to a template that renders them, and otherwise as the text they were generated as
+        (`{"name":...,"arguments":...}`), so the model still sees what it called."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        calls = self.tool_calls or []
+        if calls and renders_tools:
+            message["tool_calls"] = [c.model_dump() for c in calls]
+        elif calls:
+            message["content"] = text + "".join(
+                f'{{"name":{json.dumps(c.function.name)},"arguments":{c.function.arguments}}}' for c in calls
+            )
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):

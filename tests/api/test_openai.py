@@ -174,10 +174,10 @@ def test_a_refused_field_passes_off_and_is_refused_on(client):
 
 
 def test_an_unknown_field_inside_a_message_is_named(client):
-    message = {**CHAT[0], "tool_calls": []}
+    message = {**CHAT[0], "audio": {"id": "a"}}
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="base", messages=[message], max_tokens=2)
-    assert caught.value.param == "messages.0.tool_calls" and caught.value.code == "unknown_parameter"
+    assert caught.value.param == "messages.0.audio" and caught.value.code == "unknown_parameter"
 
 
 def test_the_native_route_refuses_an_unknown_field(http):

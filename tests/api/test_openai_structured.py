@@ -190,3 +190,28 @@ def test_the_clients_own_parse_helpers_work_unchanged(client):
         tool_choice={"type": "function", "function": {"name": "save_person"}},
     )  # fmt: skip
     assert isinstance(called.choices[0].message.tool_calls[0].function.parsed_arguments, Person)
+
+
+def test_a_conversation_goes_on_after_a_call(client):
+    """The call and the tool's answer go back in `messages`, as an agent loop sends them; a template that does not
+    render calls (SmolLM2's) sees the call as the text it was generated as."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = chat(client, tools=[WEATHER], tool_choice=named, max_tokens=60).choices[0].message
+    call = first.tool_calls[0]
+    history = [
+        *CHAT,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+    ]
+    answer = client.chat.completions.create(model="base", messages=history, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
+    text_turn = {"role": "assistant", "content": f'{{"name":"get_weather","arguments":{call.function.arguments}}}'}
+    same = client.chat.completions.create(
+        model="base", messages=[*CHAT, text_turn, history[2]], max_tokens=8, temperature=0
+    )
+    assert same.choices[0].message.content == answer.choices[0].message.content
+    for bad in ({"role": "tool", "content": "x"}, {"role": "user", "content": "x", "tool_call_id": "c"},
+                {"role": "assistant", "content": None}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="base", messages=[*CHAT, bad], max_tokens=2)
+        assert caught.value.param == "messages.1"
