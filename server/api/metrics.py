@@ -165,7 +165,7 @@ def tenant_label(caller: Caller | None) -> str:
 
 
 class Meter:
-    """One generation request's metrics: the global ones and its tenant's and task's series, resolved once."""
+    """One generation request's metrics: the global series, and its tenant's and (opted in) its task's."""
 
     def __init__(self, metrics: Metrics, usages: list[tuple[Usage, str]]):
         self.metrics = metrics
