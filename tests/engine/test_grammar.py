@@ -139,3 +139,17 @@ def test_a_bad_grammar_is_refused_naming_its_field_and_nothing_runs(engine, cons
         engine.submit(request(constraint), lambda delta: None)
     assert refused.value.param == "response_format" and str(refused.value).startswith("response_format: ")
     assert not engine.waiting and not engine.batch.rows
+
+
+def test_a_constrained_rows_logprobs_are_of_what_its_grammar_allows(engine, tokenizer):
+    """As in vLLM, the mask comes before the log-probabilities: every alternative the row reports is a token its
+    grammar allows there, and the allowed tokens' probabilities sum to 1."""
+    choices = ["yes", "no"]
+    sampling = SamplingParams(max_new_tokens=5, logprobs=20, constraint=Constraint("choice", json.dumps(choices)))
+    deltas = []
+    engine.submit(GenerationRequest(PROMPT, sampling), deltas.append)
+    engine.run_until_idle()
+    first = next(d for d in deltas if d.logprobs).logprobs[0]
+    allowed = [(token, logprob) for token, logprob in first.top if logprob > float("-inf")]
+    assert allowed and all(any(c.startswith(tokenizer.decode([t])) for c in choices) for t, _ in allowed)
+    assert sum(torch.tensor([lp for _, lp in allowed]).exp()) == pytest.approx(1.0, abs=1e-4)
