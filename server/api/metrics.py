@@ -165,15 +165,19 @@ def tenant_label(caller: Caller | None) -> str:
 
 
 class Meter:
-    """One generation request's metrics: the global ones and its tenant's and task's series, resolved once."""
+    """One generation request's metrics: the global series, and its tenant's and (opted in) its task's, whose
+    labelled children are looked up once here rather than at every token."""
 
     def __init__(self, metrics: Metrics, usages: list[tuple[Usage, str]]):
         self.metrics = metrics
-        self._usages = usages
+        self._children = {
+            name: [getattr(usage, name).labels(label) for usage, label in usages]
+            for name in ("requests", "prompt_tokens", "completion_tokens", "queue_seconds", "time_to_first_token")
+        }
+        self._generated = 0  # tokens not yet added to the tenant's and task's counters (they are, as a stream ends)
 
-    def _each(self, name: str) -> Iterator:
-        for usage, label in self._usages:
-            yield getattr(usage, name).labels(label)
+    def _each(self, name: str) -> list:
+        return self._children[name]
 
     def admitted(self) -> None:
         for counter in self._each("requests"):
@@ -200,14 +204,17 @@ class Meter:
         """`count` tokens generated, `gap` seconds apart (None: the first of the stream)."""
         m = self.metrics
         m.completion_tokens.inc(count)
-        for counter in self._each("completion_tokens"):
-            counter.inc(count)
+        self._generated += count
         if gap is not None:
             for _ in range(count):
                 m.inter_token_latency.observe(gap)
 
     def finished(self, reason: str) -> None:
+        """A stream ended (each choice of a request ends its own)."""
         self.metrics.generations.labels(finish_reason=reason).inc()
+        generated, self._generated = self._generated, 0
+        for counter in self._each("completion_tokens"):
+            counter.inc(generated)
 
 
 class EngineCollector(Collector):
