@@ -59,6 +59,7 @@ async def start_choices(
     metrics: Metrics | None = None,
     admission: Admission | None = None,
     caller: Caller | None = None,
+    adapter_scale: float = 1.0,
 ) -> list[AsyncIterator[TokenDelta]]:
     """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
     is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop. Returns one stream
@@ -88,7 +89,9 @@ async def start_choices(
                 sampling = sampling_params(
                     **{**asdict(sampling), "max_new_tokens": max(1, min(room, sampling.max_new_tokens))}
                 )
-            streams = engine.generate_choices(GenerationRequest(ids, sampling, task_id=task_id), lease)
+            streams = engine.generate_choices(
+                GenerationRequest(ids, sampling, task_id=task_id, adapter_scale=adapter_scale), lease
+            )
         except BaseException:
             lease.release()
             raise
