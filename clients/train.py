@@ -265,22 +265,7 @@ def train(
     phase(f"saving to {options.out}")
     options.out.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(options.out, safe_serialization=True)
-    _save_prompt_format(options.out, plain=records[0].messages is None)
-    checked = prepare_upload(options.out)  # the server's own file checks: raises if we wrote something unservable
-    return Trained(
-        out=options.out,
-        method=options.method,
-        upload=checked,
-        steps=total,
-        seconds=seconds,
-        examples=len(run.examples),
-        skipped=len(records) - len(run.examples),
-        train_loss=sum(losses[-10:]) / len(losses[-10:]),
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
-        model=run.model,
-        tokenizer=run.tokenizer,
-    )
+    return _finish(options, run, records, total, seconds, losses, (eval_before, eval_after))
 
 
 def _train_stages(
@@ -320,8 +305,13 @@ def _train_stages(
     phase(f"saving to {options.out}")
     order = sorted(method.stages, key=lambda s: METHODS[s].virtual_tokens is None)
     (options.out / COMPOSITE_FILE).write_text(json.dumps({"components": order}) + "\n")
+    return _finish(options, run, records, total, seconds, losses, (eval_before, eval_after))
+
+
+def _finish(options: TrainOptions, run: _Run, records, total: int, seconds: float, losses, evals) -> Trained:
+    """Save the prompt format beside the adapter, check the directory, and say what the run made."""
     _save_prompt_format(options.out, plain=records[0].messages is None)
-    checked = prepare_upload(options.out)
+    checked = prepare_upload(options.out)  # the server's own file checks: raises if we wrote something unservable
     return Trained(
         out=options.out,
         method=options.method,
@@ -331,8 +321,8 @@ def _train_stages(
         examples=len(run.examples),
         skipped=len(records) - len(run.examples),
         train_loss=sum(losses[-10:]) / len(losses[-10:]),
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
+        eval_loss_before=evals[0],
+        eval_loss_after=evals[1],
         model=run.model,
         tokenizer=run.tokenizer,
     )
