@@ -51,6 +51,7 @@ class Sampling(TypedDict, total=False):
     seed: int
     stop: str | Sequence[str]
     ignore_eos: bool
+    version: int  # a stored version of the task to run instead of its current one
 
 
 _SAMPLING_KEYS = frozenset(Sampling.__annotations__)

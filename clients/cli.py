@@ -79,6 +79,9 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, help="the same seed, prompt and task give the same sampled text (default: random)"
     )
     parser.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    parser.add_argument(
+        "--task-version", dest="version", type=int, metavar="N", help="run this stored version (default: current)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +290,7 @@ def _show_task(args: argparse.Namespace, task: Task) -> int:
 
 
 def _sampling_of(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "version")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

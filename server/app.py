@@ -137,7 +137,7 @@ async def _start(
         )
         closers.append(residency.close)
         tasks.attach(residency)
-        engine = Engine(backbone, settings, residency, resolve=tasks.current_key).start()
+        engine = Engine(backbone, settings, residency, resolve=tasks.key).start()
         closers.append(engine.stop)
         if settings.preload:
             startup.enter(f"preloading {len(settings.preload)} tasks")

@@ -23,6 +23,7 @@ from adapters_store import (
     TaskNotFound,
     TaskSummary,
     VersionInfo,
+    VersionNotFound,
 )
 from adapters_store.base import BASE_TASK, MAX_PAGE, content_sha256, validate_task_id
 from adapters_store.composite import inspect_composite
@@ -91,6 +92,19 @@ class TaskService:
                 raise TaskNotFound(f"unknown task {task_id!r}") from None
             with self._lock:
                 version = self._current.setdefault(task_id, version)
+        return AdapterKey(task_id, version)
+
+    def key(self, task_id: str, version: int | None = None) -> AdapterKey | None:
+        """The version a request runs on: the current one, or the stored `version` it names (to compare
+        versions side by side, or to keep serving one while a newer is tried)."""
+        if version is None:
+            return self.current_key(task_id)
+        if task_id == BASE_TASK:
+            raise VersionNotFound("'base' is the backbone alone: it has no versions")
+        info = self.store.info(task_id)
+        if all(v.version != version for v in info.versions):
+            kept = ", ".join(str(v.version) for v in info.versions)
+            raise VersionNotFound(f"task {task_id!r} has no version {version} (it keeps {kept})")
         return AdapterKey(task_id, version)
 
     def info(self, task_id: str) -> TaskInfo:

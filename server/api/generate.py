@@ -58,6 +58,7 @@ async def generate(
         sampling,
         prompt=body.prompt,
         messages=messages,
+        version=body.version,
         metrics=metrics,
         admission=admission,
         caller=caller,

@@ -56,6 +56,7 @@ async def start_choices(
     messages: Sequence[Mapping[str, str]] | None = None,
     prompt_ids: Sequence[int] | None = None,
     fill_context: bool = False,
+    version: int | None = None,
     metrics: Metrics | None = None,
     admission: Admission | None = None,
     caller: Caller | None = None,
@@ -65,6 +66,7 @@ async def start_choices(
     is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop. Returns one stream
     per choice (`sampling.n`), each admitted as a row of its own.
 
+    `version`: a stored version of the task to run instead of its current one.
     `fill_context`: generate up to what the context and the server's limits leave (`sampling.max_new_tokens`
     is then only an upper bound). Each returned iterator must be closed (`aclose`) by whoever stops reading it.
     """
@@ -77,7 +79,7 @@ async def start_choices(
         if admission is not None:
             for _ in range(sampling.n):
                 tickets.append(admission.admit(engine, sampling.max_new_tokens))
-        lease = await engine.lease(task_id)  # resolves and loads the task off the event loop if needed
+        lease = await engine.lease(task_id, version)  # resolves and loads the task off the event loop if needed
         if metrics is not None and lease.adapter is not None:
             metrics.last_use.touch(task_id)
         try:
@@ -89,9 +91,8 @@ async def start_choices(
                 sampling = sampling_params(
                     **{**asdict(sampling), "max_new_tokens": max(1, min(room, sampling.max_new_tokens))}
                 )
-            streams = engine.generate_choices(
-                GenerationRequest(ids, sampling, task_id=task_id, adapter_scale=adapter_scale), lease
-            )
+            request = GenerationRequest(ids, sampling, task_id=task_id, version=version, adapter_scale=adapter_scale)
+            streams = engine.generate_choices(request, lease)
         except BaseException:
             lease.release()
             raise

@@ -100,6 +100,9 @@ class GenerateRequest(SamplingControls):
 
     prompt: Text | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
+    version: int | None = Field(
+        default=None, ge=1, description="a stored version of the task to run instead of its current one"
+    )
     max_new_tokens: int = Field(default=128, ge=0, description="0 scores the prompt only (with prompt_logprobs)")
     temperature: Temperature = Field(default=0.0, description="0 = greedy; at most 100; (0, 0.01) counts as 0.01")
     top_p: TopP = Field(default=1.0, description="in (0, 1]; 1 = off")

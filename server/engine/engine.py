@@ -45,7 +45,7 @@ from server.engine.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
 
-Resolve = Callable[[str], AdapterKey | None]  # task id -> its current version; None: the bare backbone
+Resolve = Callable[[str, int | None], AdapterKey | None]  # task id, version or current -> key; None: the backbone
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class Engine:
         *,
         resolve: Resolve | None = None,
     ):
-        """`resolve(task_id)`: the task's current version (the task layer's `TaskService.current_key`); without
-        one, the residency's store is asked each time."""
+        """`resolve(task_id, version)`: the version a request runs on, the current one when `version` is None (the
+        task layer's `TaskService.key`); without one, the residency's store is asked each time."""
         self.backbone = backbone
         self.settings = settings = settings or EngineSettings()
         self.residency = residency or Residency(backbone)
@@ -167,7 +167,7 @@ class Engine:
         if len(choices) != n - 1:
             raise ValueError(f"n={n} choices need {n - 1} more sinks, got {len(choices)}")
         self._check_ids(request)
-        lease = lease or self.residency.acquire(self.resolve(request.task_id))
+        lease = lease or self.residency.acquire(self.resolve(request.task_id, request.version))
         leases = shared_leases(lease, n) if n > 1 else [lease]
         row = self._row(request, leases[0], sink)
         row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
@@ -181,16 +181,17 @@ class Engine:
         self._wakeup.set()
         return row
 
-    async def lease(self, task_id: str) -> Lease:
-        """Pin the task's current version for one request: resolved and loaded off the event loop."""
-        key = await asyncio.to_thread(self.resolve, task_id)
+    async def lease(self, task_id: str, version: int | None = None) -> Lease:
+        """Pin the task's current version (or the one named) for one request: resolved and loaded off the event
+        loop."""
+        key = await asyncio.to_thread(self.resolve, task_id, version)
         return await self.residency.acquire_async(key)
 
-    def _current_in_store(self, task_id: str) -> AdapterKey | None:
+    def _current_in_store(self, task_id: str, version: int | None = None) -> AdapterKey | None:
         if task_id == BASE_TASK:
             return None
         try:
-            return AdapterKey(task_id, self.residency.store.info(task_id).current)
+            return AdapterKey(task_id, version or self.residency.store.info(task_id).current)
         except TaskNotFound:
             raise UnknownTask(f"unknown task {task_id!r}") from None
 

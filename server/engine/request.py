@@ -46,6 +46,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     task_id: str = BASE_TASK
+    version: int | None = None  # a stored version of the task; None: its current one
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # weights the task's per-layer delta (LoRA family, IA³) for this request only: 0 = the backbone, 1 = as trained
     adapter_scale: float = 1.0

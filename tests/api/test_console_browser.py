@@ -271,6 +271,25 @@ def test_playground_streams_a_task_against_base(page: Page, admin: httpx.Client)
     screenshot(page, "playground")
 
 
+def test_two_versions_of_a_task_compared_side_by_side_from_its_page(page: Page, admin: httpx.Client):
+    upload_template(admin, "two-versions", input_prefix="Country: ", input_suffix="\nCapital:")
+    upload_template(admin, "two-versions", input_prefix="Write a long essay about ", input_suffix=".\n")
+    sign_in(page, INFERENCE, "#/tasks/two-versions")
+    page.click("tr[data-version='1'] a.compare")  # an inference key may compare: it changes nothing
+    expect(page.locator("#version-a")).to_have_value("1")
+    expect(page.locator("#version-b")).to_have_value("")
+    expect(page.locator("#version-b option").first).to_have_text("current (v2)")
+    page.fill("#prompt", "France")
+    page.fill("#s-max-new-tokens", "12")
+    page.click("#run")
+    for side, served in (("a", "v1"), ("b", "v2")):
+        expect(page.locator(f"#stats-{side} .finish")).to_contain_text(served)
+    texts = [page.locator(f"#output-{side} .completion").text_content() for side in ("a", "b")]
+    assert all(texts) and texts[0] != texts[1]
+    assert admin.get("/v1/tasks/two-versions").json()["version"] == 2
+    screenshot(page, "compare-versions")
+
+
 def test_live_view_charts_move_with_traffic(page: Page, server: LiveServer):
     sign_in(page, INFERENCE, "#/live")
     page.select_option("#refresh", "1")

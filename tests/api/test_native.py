@@ -192,6 +192,25 @@ def test_template_task_wraps_the_prompt(client):
     assert bad.status_code == 422 and "template.json" in bad.json()["error"]["message"]
 
 
+def test_a_request_may_name_an_earlier_version_while_the_current_one_serves_the_rest(client):
+    """What the console's playground compares: one task's two versions side by side, nothing rolled back."""
+    first = {"input_prefix": "Question: ", "input_suffix": "\nAnswer:"}
+    second = {"input_prefix": "Answer in one long, detailed sentence. Question: ", "input_suffix": "\nAnswer:"}
+    assert client.post("/v1/tasks/versioned/versions", json={"template": first}).status_code == 201
+    old = generate(client, "versioned", prompt="Sky colour?", max_new_tokens=6).json()
+    assert client.post("/v1/tasks/versioned/versions", json={"template": second}).status_code == 201
+    new = generate(client, "versioned", prompt="Sky colour?", max_new_tokens=6).json()
+    pinned = generate(client, "versioned", prompt="Sky colour?", max_new_tokens=6, version=1).json()
+    assert (new["version"], pinned["version"]) == (2, 1)
+    assert new["usage"]["prompt_tokens"] != old["usage"]["prompt_tokens"]
+    assert (pinned["token_ids"], pinned["usage"]) == (old["token_ids"], old["usage"])
+    assert client.get("/v1/tasks/versioned").json()["version"] == 2  # naming a version changes nothing
+    missing = generate(client, "versioned", prompt="x", version=9)
+    assert missing.status_code == 404 and "has no version 9 (it keeps 1, 2)" in missing.json()["error"]["message"]
+    assert generate(client, "base", prompt="x", version=1).status_code == 404
+    assert generate(client, "versioned", prompt="x", version=0).status_code == 400
+
+
 def test_an_adapter_with_a_prompt_format_wraps_each_prompt(client, lora_dir):
     """template.json beside the adapter: every route feeds the model `prompt + "\n"`, as the trainer trained it."""
     files = {**peft_files(lora_dir), "template.json": b'{"input_suffix": "\\n"}'}

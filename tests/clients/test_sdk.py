@@ -129,6 +129,10 @@ def test_rollback_and_delete(client: Client, lora_dir: Path):
     assert client.task(task).version == 1
     with pytest.raises(UnknownVersion):
         client.rollback(task, 99)
+    assert client.generate(task, "France", max_new_tokens=2, version=2).version == 2  # v1 stays current
+    assert client.task(task).version == 1
+    with pytest.raises(UnknownVersion):
+        client.generate(task, PROMPT, version=99)
     client.delete(task)
     with pytest.raises(UnknownTask) as caught:
         client.task(task)

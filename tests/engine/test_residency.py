@@ -205,7 +205,7 @@ def test_redis_outage_keeps_resident_tasks_serving_and_recovers(env, tmp_path):
     store_of_other_replica = open_store(redis_server.url)
     residency, tasks = replica(model, store)
     tasks.upload("warm", files(dirs["prefix"]))
-    engine = Engine(residency._backbone, residency=residency, resolve=tasks.current_key).start()
+    engine = Engine(residency._backbone, residency=residency, resolve=tasks.key).start()
     request = GenerationRequest(PROMPT, SamplingParams(max_new_tokens=6), task_id="warm")
     expected = peft_greedy(model, dirs["prefix"], list(PROMPT), 6)
     try:

@@ -1,7 +1,8 @@
-// Two tasks (or a task and `base`) side by side on the same prompt or chat, streamed token by token, with the
-// sampling settings exposed and each side's time to first token and decode speed measured in the browser.
+// Two tasks, two versions of one task, or a task and `base`, side by side on the same prompt or chat, streamed
+// token by token, with the sampling settings exposed and each side's time to first token and decode speed
+// measured in the browser. A pinned version is sent as the request's `version`: nothing is rolled back.
 
-import { listTasks, streamGenerate } from '../api.js';
+import { api, listTasks, streamGenerate, taskPath } from '../api.js';
 import { h, clear, duration } from '../dom.js';
 
 export function render(container, { session, query }) {
@@ -23,7 +24,7 @@ export function render(container, { session, query }) {
   const modes = ['prompt', 'chat'].map((mode) => h('button', { type: 'button', class: 'seg', id: `mode-${mode}`, onclick: () => setMode(mode) }, mode === 'prompt' ? 'Prompt' : 'Chat'));
   const setting = (label, control, hint) => h('label', { class: 'field' }, h('span', { class: 'label' }, label), control, hint ? h('span', { class: 'hint' }, hint) : null);
 
-  const panes = [pane('a', query.get('a') ?? ''), pane('b', query.get('b') ?? 'base')];
+  const panes = [pane('a', query.get('a') ?? '', query.get('av')), pane('b', query.get('b') ?? 'base', query.get('bv'))];
   const input = h('textarea', { class: 'input prompt', id: 'prompt', rows: '3', placeholder: 'Write a prompt… (Ctrl+Enter to run)' });
   const run = h('button', { class: 'btn btn-primary', id: 'run', onclick: start }, 'Generate');
   const stop = h('button', { class: 'btn', id: 'stop', disabled: true, onclick: () => state.running?.abort() }, 'Stop');
@@ -51,14 +52,36 @@ export function render(container, { session, query }) {
   suggest('');
   if (!panes[0].task.value) listTasks({ limit: 1 }).then((page) => { panes[0].task.value ||= page.tasks[0]?.task_id ?? 'base'; }).catch(() => {});
 
-  function pane(name, task) {
+  function pane(name, task, pinned) {
     const taskInput = h('input', { class: 'input', id: `task-${name}`, list: 'task-options', value: task, placeholder: name === 'b' ? 'none: one side only' : 'task id or base', autocomplete: 'off', spellcheck: 'false' });
-    taskInput.addEventListener('input', () => suggest(taskInput.value));
+    const version = h('select', { class: 'input narrow', id: `version-${name}`, 'aria-label': `pane ${name.toUpperCase()} version`, hidden: true });
     const output = h('div', { class: 'output', id: `output-${name}` });
     const stats = h('div', { class: 'pane-stats', id: `stats-${name}` });
     const node = h('section', { class: 'card pane', dataset: { pane: name } },
-      h('div', { class: 'pane-head' }, h('span', { class: 'pane-label' }, name.toUpperCase()), taskInput), output, stats);
-    return { name, task: taskInput, output, stats, node, history: [] };
+      h('div', { class: 'pane-head' }, h('span', { class: 'pane-label' }, name.toUpperCase()), taskInput, version), output, stats);
+    const p = { name, task: taskInput, version, output, stats, node, history: [], looking: null };
+    taskInput.addEventListener('input', () => {
+      suggest(taskInput.value);
+      versionsOf(p, null);
+    });
+    versionsOf(p, pinned);
+    return p;
+  }
+
+  /** The pane's version picker: "current" and each stored version of the task named, once it names one. */
+  function versionsOf(p, pinned) {
+    clearTimeout(p.looking);
+    p.looking = setTimeout(async () => {
+      const id = p.task.value.trim();
+      const info = id && id !== 'base' ? await api(taskPath(id), { task: id }).catch(() => null) : null;
+      if (id !== p.task.value.trim()) return; // typed on meanwhile
+      const keep = pinned ?? p.version.value;
+      clear(p.version, info ? [
+        h('option', { value: '' }, `current (v${info.version})`),
+        [...info.versions].reverse().map((v) => h('option', { value: String(v.version), selected: String(v.version) === String(keep) }, `v${v.version} · ${v.kind}`)),
+      ] : []);
+      p.version.hidden = !info;
+    }, pinned === null ? 250 : 0);
   }
 
   function suggest(prefix) {
@@ -136,6 +159,7 @@ export function render(container, { session, query }) {
       finish);
     show();
     try {
+      if (!p.version.hidden && p.version.value) body.version = Number(p.version.value);
       const end = await streamGenerate(p.task.value.trim(), body, {
         signal,
         onDelta(delta) {

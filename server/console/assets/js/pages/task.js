@@ -54,9 +54,10 @@ export function render(container, { session, taskId }) {
       h('td', {}, h('code', { class: 'sha', title: v.sha256 }, v.sha256.slice(0, 12))),
       h('td', { title: datetime(v.created_at) }, ago(v.created_at)),
       h('td', { class: 'ellipsis muted' }, v.description ?? ''),
-      h('td', { class: 'right' }, admin && v.version !== info.version
-        ? h('button', { class: 'btn btn-small rollback', onclick: () => rollback(info, v.version) }, `Make v${v.version} current`)
-        : null)));
+      h('td', { class: 'right actions' }, v.version === info.version ? null : [
+        h('a', { class: 'btn btn-small compare', href: route(['playground'], { a: info.task_id, av: v.version, b: info.task_id }) }, 'Compare with current'),
+        admin ? h('button', { class: 'btn btn-small rollback', onclick: () => rollback(info, v.version) }, `Make v${v.version} current`) : null,
+      ])));
     return card('Versions', h('table', { class: 'table', id: 'versions' },
       h('thead', {}, h('tr', {}, ['Version', 'Kind', 'Parameters', 'Size', 'sha256', 'Created', 'Description', ''].map((c) => h('th', {}, c)))),
       h('tbody', {}, rows)));
