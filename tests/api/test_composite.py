@@ -52,6 +52,9 @@ def test_a_composite_uploads_lists_and_generates(open_client, composite_dir):
     listed = {t["task_id"]: t for t in open_client.get("/v1/tasks").json()["tasks"]}
     assert listed["mam"]["components"] == COMPONENTS
     assert open_client.get("/v1/tasks/mam").json()["components"] == COMPONENTS
+    config = open_client.get("/console/api/tasks/mam/versions/1/config").json()  # the console's task page
+    assert config["file"] == "task.json" and set(config["content"]) == {"task.json", "prefix", "lora"}
+    assert config["content"]["lora"]["peft_type"] == "LORA"
     tuned, base = generate(open_client, "mam").json(), generate(open_client, "base").json()
     assert tuned["version"] == 1 and tuned["token_ids"] != base["token_ids"]
     # the same task as an archive of the directory: identical files, so nothing new is stored
