@@ -15,7 +15,7 @@ from test_parity import PROMPTS, make_engine, request
 from server.engine.request import InvalidRequest
 
 NEW_TOKENS = 10
-PER_LAYER = ("lora_all", "ia3", "dora", "vera", "loha", "composite_dora_vera")
+PER_LAYER = ("lora_all", "ia3", "dora", "lora_bias", "adalora", "vera", "loha", "lokr", "composite_dora_vera")
 
 
 @pytest.fixture(scope="module")
