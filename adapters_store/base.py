@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from adapters_store.buckets import Buckets, LocalBuckets
+
 log = logging.getLogger(__name__)
 
 TASK_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -338,6 +340,10 @@ class AdapterStore(ABC):
     @abstractmethod
     def delete_record(self, kind: RecordKind, record_id: str) -> bool:
         """Remove one record; False if there was none."""
+
+    def rate_buckets(self) -> Buckets:
+        """Where the quotas' token buckets are counted: in this process, unless the store is shared by replicas."""
+        return LocalBuckets()
 
     @abstractmethod
     def ping(self) -> None:

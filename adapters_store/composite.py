@@ -15,7 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from adapters_store import kinds
 from adapters_store.format import (
+    COMPOSITE_FILE,
     CONFIG_FILE,
     TEMPLATE_FILE,
     WEIGHTS_FILE,
@@ -39,14 +41,12 @@ __all__ = [
     "select_composite",
 ]
 
-COMPOSITE_FILE = "task.json"
-COMPOSITE_KIND = "composite"
+COMPOSITE_KIND = kinds.COMPOSITE.name
 MAX_COMPONENTS = 8
 MAX_SCALE = 2.0
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no dots: `<name>.<file>` splits at the first
 PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# kinds that shape how a row starts (virtual tokens, prefix KV, gated prompts): at most one per composite
-PROMPT_LEARNING_KINDS = frozenset({"prompt_tuning", "p_tuning", "prefix_tuning", "adaption_prompt"})
+PROMPT_LEARNING_KINDS = kinds.PROMPT_LEARNING  # at most one per composite
 _FLAT = re.compile(rf"({COMPONENT_NAME.pattern})\.({'|'.join(map(re.escape, PEFT_FILES))})")
 
 

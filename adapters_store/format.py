@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters_store import kinds
 from adapters_store.base import InvalidTaskId, validate_task_id
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "TEMPLATE_FILE",
     "TEMPLATE_KIND",
-    "SERVED_PEFT_TYPES",
     "FormatError",
     "UploadTooLarge",
     "InvalidTaskId",
@@ -47,21 +47,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 TEMPLATE_FILE = "template.json"
-TEMPLATE_KIND = "template"
+TEMPLATE_KIND = kinds.TEMPLATE.name
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 
-SERVED_PEFT_TYPES = {
-    "PROMPT_TUNING": "prompt_tuning",
-    "P_TUNING": "p_tuning",
-    "PREFIX_TUNING": "prefix_tuning",
-    "LORA": "lora",
-    "IA3": "ia3",
-    "ADALORA": "adalora",
-    "LOHA": "loha",
-    "LOKR": "lokr",
-    "VERA": "vera",
-    "ADAPTION_PROMPT": "adaption_prompt",
-}
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 
 MAX_MEMBERS = 1000  # archive entries; bounds header parsing however small the files are
@@ -280,7 +268,7 @@ def _read_zip(archive: bytes, max_bytes: int) -> dict[str, bytes]:
 @dataclass(frozen=True)
 class PeftSummary:
     peft_type: str  # as in adapter_config.json, e.g. "LORA"
-    kind: str  # our name: "lora", "prefix_tuning", ...
+    kind: str  # our name, from the kinds table (adapters_store.kinds): "lora", "prefix_tuning", ...
     parameters: int  # sum of numel over the tensors
     bytes: int  # tensor data bytes (what the adapter occupies once loaded at its stored dtype)
     config: dict[str, Any]  # adapter_config.json as parsed
@@ -303,14 +291,14 @@ def inspect_peft(files: Mapping[str, bytes]) -> PeftSummary:
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise FormatError(f"{CONFIG_FILE} must be a JSON object with a string peft_type")
     peft_type = config["peft_type"]
-    kind = SERVED_PEFT_TYPES.get(peft_type)
+    kind = kinds.by_peft_type(peft_type)
     if kind is None:
-        served = ", ".join(SERVED_PEFT_TYPES)
+        served = ", ".join(kinds.served_peft_types())
         raise FormatError(f"peft_type {peft_type!r} is not served; served types: {served}")
     parameters, nbytes = _inspect_safetensors(files[WEIGHTS_FILE])
     if TEMPLATE_FILE in files:
         parse_prompt_format(files[TEMPLATE_FILE])
-    return PeftSummary(peft_type=peft_type, kind=kind, parameters=parameters, bytes=nbytes, config=config)
+    return PeftSummary(peft_type=peft_type, kind=kind.name, parameters=parameters, bytes=nbytes, config=config)
 
 
 def _inspect_safetensors(data: bytes) -> tuple[int, int]:

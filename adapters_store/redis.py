@@ -10,6 +10,9 @@ Keys (task ids cannot contain ':', so keys never collide):
                                a number is never reused (caches key on task + version)
     ts:tasks                   sorted set, all scores 0: lexicographic paging with ZRANGEBYLEX
     ts:changes                 pub/sub channel, one JSON `Change` per put / set_current / delete
+    ts:access:<kind>           hash record id -> JSON (tenants, keys as digests)
+    ts:bucket:<name>           hash level, at, capacity, rate: a quota's token bucket, shared by every
+                               replica; expires once it would be full again
 
 A put stages the version's keys with a TTL, then one Lua script checks they are there, makes them
 permanent, lists the version, flips `current`, adds the task and publishes: a reader never sees a
@@ -22,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import redis
 from redis import exceptions as rx
@@ -51,6 +54,7 @@ from adapters_store.base import (
     redacted,
     validate_task_id,
 )
+from adapters_store.buckets import Buckets, Limit, Short
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,54 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, redis.call('GET', KEYS[3])}
 """
+
+
+# A bucket's level now, refilled from what it held (a changed capacity or rate starts full). Redis 7 replicates a
+# script's effects, so reading the clock (TIME) before writing is allowed; older servers are asked to.
+_BUCKET_LEVEL = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function level_of(key, capacity, rate)
+  local held = redis.call('HMGET', key, 'level', 'at', 'capacity', 'rate')
+  if held[1] and held[3] == capacity and held[4] == rate then
+    return math.min(tonumber(capacity), tonumber(held[1]) + math.max(0, now - tonumber(held[2])) * tonumber(rate))
+  end
+  return tonumber(capacity)
+end
+local function store(key, level, capacity, rate)
+  redis.call('HSET', key, 'level', tostring(level), 'at', tostring(now), 'capacity', capacity, 'rate', rate)
+  redis.call('PEXPIRE', key, math.ceil((tonumber(capacity) - level) / tonumber(rate) * 1000) + 1000)
+end
+"""
+
+# KEYS: buckets   ARGV: capacity, rate, cost of each   ->  {0} taken, or {i, level} for the first short bucket
+_TAKE = (
+    _BUCKET_LEVEL
+    + """
+local levels = {}
+for i, key in ipairs(KEYS) do
+  levels[i] = level_of(key, ARGV[3 * i - 2], ARGV[3 * i - 1])
+  if levels[i] < 1 then return {i, tostring(levels[i])} end
+end
+for i, key in ipairs(KEYS) do
+  store(key, levels[i] - tonumber(ARGV[3 * i]), ARGV[3 * i - 2], ARGV[3 * i - 1])
+end
+return {0}
+"""
+)
+
+# KEYS: buckets   ARGV: amount, then capacity, rate of each
+_CHARGE = (
+    _BUCKET_LEVEL
+    + """
+for i, key in ipairs(KEYS) do
+  local capacity, rate = ARGV[2 * i], ARGV[2 * i + 1]
+  store(key, level_of(key, capacity, rate) - tonumber(ARGV[1]), capacity, rate)
+end
+return 0
+"""
+)
 
 
 class RedisStore(AdapterStore):
@@ -279,6 +331,10 @@ class RedisStore(AdapterStore):
         with self._unavailable():
             return bool(self._client.hdel(f"{self._prefix}access:{kind}", check_record_id(record_id)))
 
+    def rate_buckets(self) -> Buckets:
+        """Quotas counted in Redis: every replica on this store enforces one limit together."""
+        return _RedisBuckets(self)
+
     # --- notifications and lifecycle ---------------------------------------------------------------
 
     def watch(self, callback: ChangeCallback, *, on_resync: Callable[[], None] | None = None) -> Watch:
@@ -303,6 +359,29 @@ class RedisStore(AdapterStore):
             yield
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"redis store {self.url} is unavailable: {e}") from e
+
+
+class _RedisBuckets(Buckets):
+    shared = True
+
+    def __init__(self, store: RedisStore):
+        self._store = store
+        self._take = store._client.register_script(_TAKE)
+        self._charge = store._client.register_script(_CHARGE)
+
+    def _keys(self, limits: Sequence[Limit]) -> list[str]:
+        return [f"{self._store._prefix}bucket:{limit.name}" for limit in limits]
+
+    def take(self, limits: Sequence[Limit]) -> Short | None:
+        args = [value for limit in limits for value in (repr(limit.capacity), repr(limit.rate), repr(limit.cost))]
+        with self._store._unavailable():
+            found = self._take(keys=self._keys(limits), args=args)
+        return None if found[0] == 0 else Short(int(found[0]) - 1, float(found[1]))
+
+    def charge(self, limits: Sequence[Limit], amount: float) -> None:
+        args = [repr(float(amount)), *(value for limit in limits for value in (repr(limit.capacity), repr(limit.rate)))]
+        with self._store._unavailable():
+            self._charge(keys=self._keys(limits), args=args)
 
 
 class _PubSubWatch(Watch):

@@ -24,6 +24,7 @@ from server.api.auth import BadKeyThrottle, KeyRing
 from server.api.health import ProbeServer, Startup, StoreProbe
 from server.api.limits import BodyLimits
 from server.api.metrics import Metrics, RequestMetrics
+from server.api.quotas import Quotas
 from server.config import Settings
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
@@ -49,7 +50,7 @@ def create_app(
     """
     settings = settings or Settings()
     keys = KeyRing.from_settings(settings)
-    recorder = Metrics()
+    recorder = Metrics(settings.task_metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,6 +120,8 @@ async def _start(
         closers.append(store.close)
         tasks = TaskService(store)
         closers.append(tasks.close)
+        quotas = app.state.admission.quotas = Quotas(store.rate_buckets())  # shared by replicas on Redis
+        closers.append(quotas.close)
         app.state.tenants = Tenants(store)  # tenants' keys work from here on
         app.state.tasks = tasks  # task reads answer from here on, while the model loads
         app.state.store_probe = probe = await StoreProbe(store).start()

@@ -109,6 +109,10 @@ class Settings(EngineSettings):
     trusted_proxies: Entries = ["127.0.0.1"]
     """Addresses (comma-separated, or `*`) whose X-Forwarded-For names the client, as behind nginx: the client
     address the bad-key throttle counts by. `*` only where nothing but the proxy can reach the server."""
+    task_metrics: int = Field(default=0, ge=0)
+    """Per-task Prometheus series (requests, tokens in and out, queue time, time to first token) for up to this many
+    task ids, the first seen first; the tasks past it count together as task `_other`. 0: none (per-tenant series
+    are always kept)."""
     console: bool = True
     """Serve the web console at /console/ (and redirect / there); its data still needs a key when keys are set."""
     adapter_roots: Entries = []

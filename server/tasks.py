@@ -55,6 +55,8 @@ class DeviceCache(Protocol):
 
     def retire(self, task_id: str, keep: AdapterKey | None = None) -> None: ...
 
+    def is_resident(self, key: AdapterKey) -> bool: ...
+
 
 class TaskService:
     """Tasks and their versions over one store; `current_key` is what a request resolves its task id to.
@@ -138,6 +140,11 @@ class TaskService:
 
     def files(self, key: AdapterKey) -> Artifact:
         return self.store.get(key.task_id, key.version)
+
+    def is_resident(self, key: AdapterKey) -> bool:
+        """Whether the version is on this replica's device (never, while the model loads)."""
+        cache = self._cache
+        return cache is not None and cache.is_resident(key)
 
     # --- writes -----------------------------------------------------------------------------------
 

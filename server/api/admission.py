@@ -73,7 +73,7 @@ class Admission:
 
     def __init__(self, max_wait: float):
         self.max_wait = max_wait
-        self.quotas = Quotas()  # tenants' and keys' limits, checked before the load
+        self.quotas = Quotas()  # tenants' and keys' limits, checked before the load; replaced once the store opens
         self._lock = threading.Lock()
         self._in_system = 0
         self._step_seconds: float | None = None  # between two tokens of one row: one engine step

@@ -27,8 +27,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.buckets import Bucket
 from server.api.errors import Forbidden, Unauthorized
-from server.api.quotas import Bucket, OverQuota
+from server.api.quotas import OverQuota
 from server.config import Settings
 from server.engine.request import EngineStopped
 from server.tenants import Caller, Tenants
@@ -200,9 +201,19 @@ def require_root(scope: Annotated[Access, Depends(caller_scope)], request: Reque
         raise Forbidden("this route needs a bootstrap admin key (TASKSERVE_ADMIN_KEYS)")
 
 
+def require_global(scope: Annotated[Access, Depends(caller_scope)], request: Request) -> None:
+    """A key from the environment, inference or admin (or an open service): what shows every tenant's numbers."""
+    if request.state.caller.key is not None:
+        raise Forbidden(
+            "this route shows every tenant's usage: it needs a key from the environment (TASKSERVE_API_KEYS or "
+            "TASKSERVE_ADMIN_KEYS), not a tenant's key"
+        )
+
+
 InferenceAccess = Depends(require_inference)
 AdminAccess = Depends(require_admin)
 RootAccess = Depends(require_root)
+GlobalAccess = Depends(require_global)
 
 
 class AuthorizedRoute(APIRoute):
@@ -220,8 +231,8 @@ class AuthorizedRoute(APIRoute):
 
         async def authorized(request: Request) -> Response:
             scope = await run_in_threadpool(authenticate, request)  # a tenant's key may need a store read
-            if requirement is require_root:
-                require_root(scope, request)
+            if requirement in (require_root, require_global):
+                requirement(scope, request)
             else:
                 requirement(scope)
             return await handler(request)
@@ -236,7 +247,7 @@ def _requirement(dependant: Dependant) -> Callable[..., None] | None:
         for dep in pending.pop().dependencies:
             calls.add(dep.call)
             pending.append(dep)
-    for requirement in (require_root, require_admin, require_inference):
+    for requirement in (require_root, require_admin, require_global, require_inference):
         if requirement in calls:
             return requirement
     return None

@@ -172,7 +172,7 @@ async def version_config(task_id: str, version: Annotated[int, PathParam(ge=1)],
 
 @api.get("/usage")
 async def usage(
-    engine: EngineDep,
+    tasks: TasksDep,
     metrics: MetricsDep,
     versions: Annotated[str, Query(description="task@version,... (at most 1000)")] = "",
 ) -> dict:
@@ -186,6 +186,6 @@ async def usage(
             key = AdapterKey.parse(text)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        resident = engine.residency.is_resident(key)
+        resident = tasks.is_resident(key)
         found[text] = {"resident": resident, "last_used": metrics.last_use.get(key.task_id)}
     return {"instance": INSTANCE, "usage": found}

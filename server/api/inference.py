@@ -20,8 +20,8 @@ from starlette.types import Receive, Scope, Send
 from adapters_store import TaskNotFound
 from server.api.admission import Admission, Ticket
 from server.api.errors import GenerationFailed
-from server.api.metrics import Metrics
-from server.api.quotas import Spend
+from server.api.metrics import Meter, Metrics, tenant_label
+from server.api.quotas import OverQuota, Spend
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
 from server.engine.engine import Engine
@@ -73,15 +73,24 @@ async def start_choices(
     started = time.perf_counter()
     if caller is not None and not caller.sees(task_id):
         raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
-    spend = admission.quotas.admit(caller) if admission is not None and caller is not None else None
+    try:
+        spend = await _admit_quotas(admission, caller)
+    except OverQuota:
+        if metrics is not None:
+            metrics.rate_limited.labels(tenant_label(caller)).inc()
+        raise
     tickets: list[Ticket] = []
+    meter: Meter | None = None
     try:
         if admission is not None:
             for _ in range(sampling.n):
                 tickets.append(admission.admit(engine, sampling.max_new_tokens))
         lease = await engine.lease(task_id, version)  # resolves and loads the task off the event loop if needed
-        if metrics is not None and lease.adapter is not None:
-            metrics.last_use.touch(task_id)
+        if metrics is not None:
+            meter = metrics.meter(task_id, caller)
+            meter.admitted()
+            if lease.adapter is not None:
+                metrics.last_use.touch(task_id)
         try:
             ids = await run_in_threadpool(
                 encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids
@@ -101,18 +110,26 @@ async def start_choices(
             if hold is not None:
                 hold.release()
         raise
-    if metrics is None and admission is None:
+    if meter is None and admission is None:
         return streams
     observed = []
     for i, stream in enumerate(streams):
         ticket = tickets[i] if tickets else None
         charged = spend if i == 0 else None  # the request's quota hold rides on its first choice
-        watched = _observed(stream, started, metrics, admission, ticket, charged, prefilled=i == 0)
+        watched = _observed(stream, started, meter, admission, ticket, charged, prefilled=i == 0)
         for hold in (ticket, charged):
             if hold is not None:  # a stream dropped before its first read never runs its finally
                 weakref.finalize(watched, hold.release)
         observed.append(watched)
     return observed
+
+
+async def _admit_quotas(admission: Admission | None, caller: Caller | None) -> Spend | None:
+    """The caller's hold on its quotas; counted in Redis (off the event loop) when the store is shared."""
+    if admission is None or caller is None or caller.key is None:
+        return None
+    quotas = admission.quotas
+    return await run_in_threadpool(quotas.admit, caller) if quotas.buckets.shared else quotas.admit(caller)
 
 
 def encode(
@@ -169,7 +186,7 @@ def room_for(engine: Engine, adapter: LoadedAdapter | None, prompt_ids: tuple[in
 async def _observed(
     deltas: AsyncIterator[TokenDelta],
     started: float,
-    metrics: Metrics | None,
+    meter: Meter | None,
     admission: Admission | None,
     ticket: Ticket | None,
     spend: Spend | None = None,
@@ -186,21 +203,14 @@ async def _observed(
         async for delta in deltas:
             if delta.token_ids:
                 now = time.perf_counter()
-                if last is None:
-                    if metrics is not None:
-                        metrics.time_to_first_token.observe(now - started)
-                        if prefilled:
-                            metrics.prompt_tokens.inc(delta.prompt_tokens)
-                else:
-                    gap = (now - last) / len(delta.token_ids)
-                    if metrics is not None:
-                        for _ in delta.token_ids:
-                            metrics.inter_token_latency.observe(gap)
-                    if admission is not None:
-                        admission.step(gap)
+                gap = None if last is None else (now - last) / len(delta.token_ids)
+                if meter is not None:
+                    if last is None:
+                        meter.first_token(now - started, delta, prefilled)
+                    meter.tokens(len(delta.token_ids), gap)
+                if gap is not None and admission is not None:
+                    admission.step(gap)
                 last = now
-                if metrics is not None:
-                    metrics.completion_tokens.inc(len(delta.token_ids))
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
                 used = delta.prompt_tokens + delta.completion_tokens
@@ -212,8 +222,8 @@ async def _observed(
             ticket.release()
         if spend is not None:
             spend.release(used)
-        if metrics is not None:
-            metrics.generations.labels(finish_reason=finish).inc()
+        if meter is not None:
+            meter.finished(finish)
         await deltas.aclose()
 
 

@@ -1,12 +1,14 @@
 """Prometheus metrics: one registry per app (so two apps in one process never collide), `GET /metrics`.
 
 Request counts and token timings are recorded as they happen; the engine's and the residency manager's state is
-read at scrape time by a collector, so the engine thread never touches a metric. No label takes a task id: labels
-stay bounded (route templates, methods, statuses, finish reasons, tiers).
+read at scrape time by a collector, so the engine thread never touches a metric. Labels stay bounded: route
+templates, methods, statuses, finish reasons, tiers, tenants (created by bootstrap admins only), and task ids only
+when `task_metrics` opts in, for at most that many tasks (the first seen; every other one counts as `_other`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -16,8 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import InferenceAccess
+from server.api.auth import GlobalAccess
 from server.api.usage import LastUse
+from server.engine.request import TokenDelta
+from server.tenants import Caller
 
 router = APIRouter(tags=["operations"])
 
@@ -25,12 +29,59 @@ router = APIRouter(tags=["operations"])
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GLOBAL_TENANT = "_global"  # the tenant label of bootstrap keys and of an open server (no namespace starts with _)
+OTHER_TASKS = "_other"  # the task label of tasks past the `task_metrics` limit (no task id starts with _)
+
+
+class Usage:
+    """Requests, tokens in and out, queue time and time to first token by one label (a tenant, or a task)."""
+
+    def __init__(self, scope: str, label: str, registry: CollectorRegistry):
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"taskserve_{scope}_{name}", f"{doc}, by {label}.", [label], registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(
+                f"taskserve_{scope}_{name}", f"{doc}, by {label}.", [label], buckets=buckets, registry=registry
+            )
+
+        self.requests = counter("requests", "Generation requests admitted")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled")
+        self.completion_tokens = counter("completion_tokens", "Tokens generated")
+        self.queue_seconds = histogram(
+            "queue_seconds", "Time a request waited in the engine's queue for a place in the batch", QUEUE_BUCKETS
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "From the API taking a generation request to its first token", TTFT_BUCKETS
+        )
+
+
+class TaskLabels:
+    """At most `limit` task ids become label values, the first seen first; the rest share `_other`. Thread-safe."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task_id: str) -> str:
+        with self._lock:
+            if task_id in self._seen:
+                return task_id
+            if len(self._seen) < self.limit:
+                self._seen.add(task_id)
+                return task_id
+        return OTHER_TASKS
 
 
 class Metrics:
-    """Every metric the API records, in the app's own registry."""
+    """Every metric the API records, in the app's own registry.
 
-    def __init__(self) -> None:
+    `task_metrics`: per-task series for up to that many task ids (0: none, no label ever takes a task id).
+    """
+
+    def __init__(self, task_metrics: int = 0) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -71,7 +122,32 @@ class Metrics:
         self.store_errors = Counter(
             "taskserve_store_errors", "Requests answered 503 because the task store was unavailable.", registry=registry
         )
-        self.last_use = LastUse()  # per task, so never a Prometheus label; the console shows it
+        self.queue_seconds = Histogram(
+            "taskserve_queue_seconds",
+            "Time a request waited in the engine's queue for a place in the batch.",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.tenants = Usage("tenant", "tenant", registry)
+        self.rate_limited = Counter(
+            "taskserve_tenant_rate_limited",
+            "Generation requests refused by a key's or tenant's quota (429), by tenant.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tasks = Usage("task", "task", registry) if task_metrics > 0 else None
+        self.task_label = TaskLabels(task_metrics)
+        self.last_use = LastUse()  # per task, never a label unless task_metrics opts in; the console shows it
+
+    def meter(self, task_id: str, caller: Caller | None) -> Meter:
+        """What one generation request records, under its tenant's (and, opted in, its task's) labels.
+
+        Only for a task that exists (its lease was granted): unknown ids must not take up task labels.
+        """
+        usages = [(self.tenants, tenant_label(caller))]
+        if self.tasks is not None:
+            usages.append((self.tasks, self.task_label(task_id)))
+        return Meter(self, usages)
 
     def count_error(self, kind: str) -> None:
         """Called for every mapped error response, with its type."""
@@ -81,6 +157,64 @@ class Metrics:
     def watch(self, app: FastAPI) -> None:
         """Read the engine of `app` at every scrape."""
         self.registry.register(EngineCollector(app))
+
+
+def tenant_label(caller: Caller | None) -> str:
+    tenant = caller.tenant_name if caller is not None else None
+    return tenant or GLOBAL_TENANT
+
+
+class Meter:
+    """One generation request's metrics: the global series, and its tenant's and (opted in) its task's, whose
+    labelled children are looked up once here rather than at every token."""
+
+    def __init__(self, metrics: Metrics, usages: list[tuple[Usage, str]]):
+        self.metrics = metrics
+        self._children = {
+            name: [getattr(usage, name).labels(label) for usage, label in usages]
+            for name in ("requests", "prompt_tokens", "completion_tokens", "queue_seconds", "time_to_first_token")
+        }
+        self._generated = 0  # tokens not yet added to the tenant's and task's counters (they are, as a stream ends)
+
+    def _each(self, name: str) -> list:
+        return self._children[name]
+
+    def admitted(self) -> None:
+        for counter in self._each("requests"):
+            counter.inc()
+
+    def first_token(self, seconds: float, delta: TokenDelta, prefilled: bool) -> None:
+        """A stream's first token, `seconds` after the request arrived; `prefilled`: its row computed the prompt
+        (the other choices of a request share it, so its tokens and queue time count once)."""
+        m = self.metrics
+        m.time_to_first_token.observe(seconds)
+        for histogram in self._each("time_to_first_token"):
+            histogram.observe(seconds)
+        if not prefilled:
+            return
+        m.prompt_tokens.inc(delta.prompt_tokens)
+        for counter in self._each("prompt_tokens"):
+            counter.inc(delta.prompt_tokens)
+        if delta.queue_seconds is not None:
+            m.queue_seconds.observe(delta.queue_seconds)
+            for histogram in self._each("queue_seconds"):
+                histogram.observe(delta.queue_seconds)
+
+    def tokens(self, count: int, gap: float | None) -> None:
+        """`count` tokens generated, `gap` seconds apart (None: the first of the stream)."""
+        m = self.metrics
+        m.completion_tokens.inc(count)
+        self._generated += count
+        if gap is not None:
+            for _ in range(count):
+                m.inter_token_latency.observe(gap)
+
+    def finished(self, reason: str) -> None:
+        """A stream ended (each choice of a request ends its own)."""
+        self.metrics.generations.labels(finish_reason=reason).inc()
+        generated, self._generated = self._generated, 0
+        for counter in self._each("completion_tokens"):
+            counter.inc(generated)
 
 
 class EngineCollector(Collector):
@@ -158,7 +292,8 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(route=route, method=method).observe(time.perf_counter() - started)
 
 
-@router.get("/metrics", response_class=Response, dependencies=[InferenceAccess])
+@router.get("/metrics", response_class=Response, dependencies=[GlobalAccess])
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this replica's metrics."""
+    """Prometheus text exposition of this replica's metrics; a tenant's key is refused (403): they name every
+    tenant (and, opted in, task ids)."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,6 @@ from server.api.errors import Forbidden, PayloadTooLarge
 from server.api.fields import Text
 from server.api.limits import uploads
 from server.api.schemas import ComponentPublic, ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
-from server.engine.engine import Engine
 from server.engine.request import InvalidRequest
 from server.tenants import Caller
 
@@ -121,19 +120,18 @@ async def list_tasks(
 
 
 @router.get("/{task_id:path}", response_model=TaskPublic, responses=ERRORS)
-async def task_info(task_id: str, request: Request, tasks: TasksDep, caller: CallerDep):
+async def task_info(task_id: str, tasks: TasksDep, caller: CallerDep):
     """One task: its current version, every version, and whether the current one is on the device."""
     _check_sees(caller, task_id)
     info = await run_in_threadpool(tasks.info, task_id)
     current = info.current_info
-    engine: Engine | None = request.app.state.engine  # None while the model loads: nothing is resident yet
     return TaskPublic(
         task_id=task_id,
         version=current.version,
         **_kind(current.kind),
         parameters=current.parameters,
         bytes=current.bytes,
-        resident=engine is not None and engine.residency.is_resident(current.key),
+        resident=tasks.is_resident(current.key),
         versions=[_version(v) for v in info.versions],
     )
 

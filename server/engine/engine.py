@@ -344,7 +344,9 @@ class Engine:
             row.lease.release()
             row.end("cancelled")
         failed = []
+        now = time.monotonic()
         for row in plan.admitted:
+            row.queue_seconds = now - row.submitted
             adapter = row.adapter
             try:
                 if adapter is not None and adapter.needs_template_kv:

@@ -10,6 +10,7 @@ its S + N prompt inputs are computed, then it decodes, one input per step.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,8 @@ class Generation:
     ):
         self.request = request
         self.arrival = next(_arrivals)
+        self.submitted = time.monotonic()
+        self.queue_seconds: float | None = None  # from submission to joining the batch; set on admission
         self.lease = lease  # pins the task version on the device until this row ends
         self.adapter: LoadedAdapter | None = lease.adapter
         self.prompt_ids = request.prompt_ids
@@ -145,7 +148,13 @@ class Generation:
         """
         first = not self.output_ids
         if self.sampling.max_new_tokens == 0:
-            return self._delta([], "length", prompt_logprobs=self._scored_prompt(), prompt_ids=self.prompt_ids)
+            return self._delta(
+                [],
+                "length",
+                prompt_logprobs=self._scored_prompt(),
+                prompt_ids=self.prompt_ids,
+                queue_seconds=self.queue_seconds,
+            )
         self.output_ids.append(token)
         if self.history is not None:
             self.history.add(token)
@@ -158,7 +167,12 @@ class Generation:
         if not first:
             return self._delta([token], reason, logprobs=logprobs)
         return self._delta(
-            [token], reason, logprobs=logprobs, prompt_logprobs=self._scored_prompt(), prompt_ids=self.prompt_ids
+            [token],
+            reason,
+            logprobs=logprobs,
+            prompt_logprobs=self._scored_prompt(),
+            prompt_ids=self.prompt_ids,
+            queue_seconds=self.queue_seconds,
         )
 
     def _scored_prompt(self) -> list[TokenLogprob | None] | None:
@@ -180,6 +194,7 @@ class Generation:
         logprobs: list[TokenLogprob] | None = None,
         prompt_logprobs: list[TokenLogprob | None] | None = None,
         prompt_ids: tuple[int, ...] | None = None,
+        queue_seconds: float | None = None,
     ) -> TokenDelta:
         return TokenDelta(
             token_ids=token_ids,
@@ -192,4 +207,5 @@ class Generation:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             prompt_ids=prompt_ids,
+            queue_seconds=queue_seconds,
         )

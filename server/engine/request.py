@@ -77,6 +77,7 @@ class TokenDelta:
     # in the first delta, when the request asked: one per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_ids: tuple[int, ...] | None = None  # in the first delta: the tokens the row was prefilled with (echo)
+    queue_seconds: float | None = None  # in the first delta: how long the row waited in the queue for the batch
 
     @property
     def fingerprint(self) -> str | None:

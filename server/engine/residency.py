@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -175,10 +175,11 @@ class Residency:
 
     def _load(self, entry: _Entry) -> None:
         try:
-            adapter = self._materialise(entry.key, self._host_files(entry.key), self._placement)
+            files = self._host_files(entry.key)
+            staged = self._materialise(entry.key, files, self._on_cpu)  # nothing reaches the device unreserved
             with self._lock:
-                self._make_room(entry, adapter_bytes(adapter, self._backbone))
-            adapter = self.pool.install(adapter)
+                self._make_room(entry, adapter_bytes(staged, self._backbone))
+            adapter = self.pool.install(self._to_device(entry.key, files, staged))
         except BaseException as exc:
             with self._lock:
                 self.stats.failures += 1
@@ -215,6 +216,19 @@ class Residency:
         if TEMPLATE_FILE in files:  # the text the adapter was trained to see around each input
             adapter = with_prompt_format(adapter, files[TEMPLATE_FILE])
         return adapter
+
+    def _to_device(self, key: AdapterKey, files: Mapping[str, bytes], staged: LoadedAdapter) -> LoadedAdapter:
+        """A version staged on the host, its bytes reserved, with its prefill tensors moved to the device (the pool
+        takes the per-layer weights). LLaMA-Adapter's prompt is projected again there, with the backbone's own
+        k_proj / v_proj on the device, as PEFT computes it."""
+        if staged.adaption:
+            return self._materialise(key, files, self._placement)
+        device = self._placement.device
+        return replace(
+            staged,
+            soft_prompt=None if staged.soft_prompt is None else staged.soft_prompt.to(device),
+            prefix_kv=None if staged.prefix_kv is None else staged.prefix_kv.to(device),
+        )
 
     def _make_room(self, incoming: _Entry, nbytes: int) -> None:
         """Evict unpinned loaded versions, least recently used first, then reserve `nbytes` (lock held).

@@ -452,3 +452,16 @@ def test_a_composite_component_is_checked_like_a_single_upload(adapters):
     broken["lora.adapter_config.json"] = b'{"peft_type": "OFT"}'
     with pytest.raises(FormatError, match="component 'lora': peft_type 'OFT' is not served"):
         inspect_composite(broken)
+
+
+def test_the_store_and_its_kinds_table_never_import_torch_or_the_server() -> None:
+    """The clients read the same table of kinds and the same checks as the server, without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adapters_store.format, adapters_store.kinds, adapters_store.buckets, adapters_store.redis\n"
+        "print(sorted(m for m in ('torch', 'server') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"

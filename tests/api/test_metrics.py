@@ -123,3 +123,67 @@ def test_each_app_has_its_own_registry(open_client, backbone):
     other = TestClient(create_app(Settings(store="memory://"), backbone=backbone))  # no lifespan: nothing to load
     assert other.app.state.metrics.registry is not open_client.app.state.metrics.registry
     assert other.get("/metrics").status_code == 200
+
+
+def test_per_tenant_and_opted_in_per_task_series_after_requests(backbone):
+    """Per tenant always; per task for the first `task_metrics` tasks, the rest as `_other`; quota refusals too."""
+    from fastapi.testclient import TestClient
+    from live_server import ADMIN_KEY
+
+    from server.app import create_app
+    from server.config import Settings
+
+    root = bearer(ADMIN_KEY)
+    settings = Settings(store="memory://", admin_keys=[ADMIN_KEY], task_metrics=2)
+    with TestClient(create_app(settings, backbone=backbone)) as client:
+        template = {"template": {"instruction": "Answer in one word."}}
+        tasks = ("team-a/one", "team-a/two", "team-a/three")
+        for task_id in tasks:
+            assert client.post(f"/v1/tasks/{task_id}/versions", json=template, headers=root).status_code == 201
+        created = client.post("/v1/admin/keys", json={"tenant": "team-a"}, headers=root)
+        team_a = bearer(created.json()["key"])
+        created = client.post("/v1/admin/keys", json={"tenant": "team-a", "requests_per_s": 0.01}, headers=root)
+        slow = bearer(created.json()["key"])  # one request, then one per 100 s
+        before = parse_metrics(client.get("/metrics", headers=root).text)
+        usages = []
+        for task_id, key in [*((t, team_a) for t in tasks), ("base", root)]:
+            answer = client.post(
+                f"/v1/tasks/{task_id}/generate", json={"prompt": "Sky?", "max_new_tokens": 3}, headers=key
+            )
+            assert answer.status_code == 200, answer.text
+            usages.append(answer.json()["usage"])
+        for status in (200, 429):
+            answer = client.post(
+                "/v1/tasks/team-a/one/generate", json={"prompt": "Sky?", "max_new_tokens": 1}, headers=slow
+            )
+            assert answer.status_code == status, answer.text
+            usages.append(answer.json().get("usage"))
+        after = parse_metrics(client.get("/metrics", headers=root).text)
+        tenant_scrape = client.get("/metrics", headers=team_a)  # the series name other tenants and their tasks
+        assert tenant_scrape.status_code == 403 and "TASKSERVE_API_KEYS" in tenant_scrape.json()["error"]["message"]
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    team = {"tenant": "team-a"}
+    usages = usages[:3] + usages[4:5]  # team-a's answers
+    assert moved("taskserve_tenant_requests_total", **team) == 4
+    assert moved("taskserve_tenant_requests_total", tenant="_global") == 1  # the bootstrap key
+    assert moved("taskserve_tenant_rate_limited_total", **team) == 1
+    assert moved("taskserve_tenant_prompt_tokens_total", **team) == sum(u["prompt_tokens"] for u in usages)
+    assert moved("taskserve_tenant_completion_tokens_total", **team) == sum(u["completion_tokens"] for u in usages)
+    assert moved("taskserve_tenant_time_to_first_token_seconds_count", **team) == 4
+    assert moved("taskserve_tenant_queue_seconds_count", **team) == 4
+    assert moved("taskserve_queue_seconds_count") == 5
+    for task_id in tasks[:2]:  # the first two tasks seen have their own series
+        assert moved("taskserve_task_requests_total", task=task_id) == 1 + (task_id == "team-a/one")
+        assert moved("taskserve_task_time_to_first_token_seconds_count", task=task_id) == 1 + (task_id == "team-a/one")
+    assert moved("taskserve_task_completion_tokens_total", task="team-a/two") == usages[1]["completion_tokens"]
+    assert moved("taskserve_task_requests_total", task="_other") == 2  # team-a/three and base
+    assert not any(labels == (("task", "team-a/three"),) for _, labels in after)
+
+
+def test_no_task_ids_in_the_metrics_unless_opted_in(open_client):
+    assert open_client.post("/v1/tasks/base/generate", json={"prompt": "Hi", "max_new_tokens": 1}).status_code == 200
+    text = open_client.get("/metrics").text
+    assert "taskserve_tenant_requests_total" in text and "taskserve_task_" not in text

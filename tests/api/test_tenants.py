@@ -138,3 +138,33 @@ def test_revocation_reaches_every_replica_within_a_second(backbone, tmp_path):
                 time.sleep(0.05)
     finally:
         redis.stop()
+
+
+def test_quotas_on_redis_are_enforced_by_every_replica_together(backbone, tmp_path):
+    import redis as redis_client
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with app_on(server.url, backbone) as first, app_on(server.url, backbone) as second:
+            assert first.post("/v1/tasks/team-s/t/versions", json=TEMPLATE, headers=ROOT).status_code == 201
+            once = new_key(first, "team-s", requests_per_s=0.01)  # one request, then one per 100 s
+            assert generate(first, "team-s/t", once).status_code == 200
+            refused = generate(second, "team-s/t", once)  # the other replica counts in the same bucket
+            assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limited"
+            assert refused.headers["x-ratelimit-limit-requests"] == "0.01"
+            assert int(refused.headers["retry-after"]) > 90
+
+            created = second.post("/v1/admin/keys", json={"tenant": "team-s", "tokens_per_min": 2}, headers=ROOT)
+            thrifty = bearer(created.json()["key"])
+            assert generate(second, "team-s/t", thrifty).status_code == 200  # its tokens overdraw the minute's 2
+            bucket = f"ts:bucket:key:{created.json()['id']}:tokens"
+            with redis_client.Redis.from_url(server.url) as peek:  # the charge lands after the answer, off the loop
+                deadline = time.monotonic() + 10
+                while float(peek.hget(bucket, "level") or 1) >= 0:
+                    assert time.monotonic() < deadline, "the tokens were never charged in Redis"
+                    time.sleep(0.02)
+            refused = generate(first, "team-s/t", thrifty)
+            assert refused.status_code == 429 and refused.headers["x-ratelimit-limit-tokens"] == "2"
+    finally:
+        server.stop()

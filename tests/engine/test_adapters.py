@@ -336,3 +336,23 @@ def test_llama_adapter_on_gpt2_is_refused_as_served_for_the_llama_family():
     residency = Residency(Backbone(tiny_gpt2(), None, name="tiny-gpt2"))
     with pytest.raises(AdapterError, match=r"transformer.h.1.attn.*llama family"):
         serve(residency, "task", files_of(config, tensors))
+
+
+def test_the_upload_checks_and_the_engine_serve_the_same_kinds() -> None:
+    """One table: every PEFT type the format accepts has an engine loader, registered under the table's name."""
+    from adapters_store import kinds
+    from adapters_store.format import inspect_peft
+    from server.engine.adapters.base import LOADERS, loader_for, register
+
+    assert set(kinds.served_peft_types()) == set(SERVED_TYPES)
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    weights = len(header).to_bytes(8, "little") + header + b"\0" * 4
+    for kind in kinds.KINDS:
+        for peft_type in kind.peft_types:
+            config = f'{{"peft_type": "{peft_type}"}}'.encode()
+            summary = inspect_peft({"adapter_config.json": config, "adapter_model.safetensors": weights})
+            assert summary.kind == kind.name
+            assert loader_for(peft_type) is LOADERS[kind.name]
+    assert kinds.TEMPLATE.name not in LOADERS  # a template has no PEFT files: residency renders it
+    with pytest.raises(ValueError, match="not a PEFT kind"):
+        register(type("Boft", (), {"kinds": ("boft",)})())

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from peft_reference import make_adapter, peft_greedy, tiny_llama
@@ -257,3 +258,36 @@ async def test_a_request_cancelled_while_its_task_loads_leaves_no_pin(env):
 
 
 A, B, C = (AdapterKey(name, 1) for name in "abc")
+
+
+@pytest.mark.parametrize("kind", ["prefix", "llama_adapter"])
+def test_a_load_reaches_the_device_only_once_its_bytes_are_reserved(env, tmp_path, kind):
+    """Staged on the host, reserved, then moved (LLaMA-Adapter projected again on the device, as PEFT does)."""
+    import torch
+
+    model, dirs = env
+    path = dirs["prefix"] if kind == "prefix" else make_adapter(model, kind, tmp_path / kind, seed=3)
+    store = open_store("memory://")
+    replica(model, store)[1].upload(kind, files(path))
+    residency = Residency(backbone(model), store)
+    accelerator = torch.device("meta")  # stands for the GPU: its tensors hold no data, so they show where they live
+    residency._placement = replace(residency._placement, device=accelerator)
+    events: list[str] = []
+    materialise, make_room = residency._materialise, residency._make_room
+
+    def spy_materialise(key, version_files, placement, *rest):
+        events.append(f"materialise on {placement.device.type}")
+        return materialise(key, version_files, placement, *rest)
+
+    def spy_make_room(entry, nbytes):
+        events.append("reserve")
+        return make_room(entry, nbytes)
+
+    residency._materialise, residency._make_room = spy_materialise, spy_make_room
+    adapter = residency.get(AdapterKey(kind, 1))
+    again = ["materialise on meta"] if kind == "llama_adapter" else []
+    assert events == ["materialise on cpu", "reserve", *again]
+    on_device = (
+        [adapter.prefix_kv] if kind == "prefix" else [t for m in adapter.adaption.values() for t in (m.keys, m.values)]
+    )
+    assert on_device and all(t.device == accelerator for t in on_device)

@@ -22,10 +22,12 @@ from server.engine.adapters import (  # noqa: F401  (each registers its kind)
     prompt,
     vera,
 )
-from server.engine.adapters.base import KINDS, AdapterError, LoadedAdapter, Placement
+from server.engine.adapters.base import AdapterError, LoadedAdapter, Placement, check_loaders, loader_for
 from server.engine.backbone import Geometry
 
 __all__ = ["AdapterError", "LoadedAdapter", "Placement", "load_adapter", "load_peft_files", "read_peft_dir"]
+
+check_loaders()
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,13 +41,8 @@ def load_adapter(
     placement: Placement,
 ) -> LoadedAdapter:
     """Parse and check one PEFT adapter against the backbone; refuse anything we would serve wrong."""
-    peft_type = config.get("peft_type")
-    kind = KINDS.get(peft_type)
-    if kind is None:
-        served = ", ".join(sorted(KINDS))
-        raise AdapterError(f"adapter_config.json: peft_type={peft_type!r} is not served (served: {served})")
-    parsed = kind.parse_config(config)
-    return kind.load(key, parsed, tensors, geometry, placement)
+    loader = loader_for(config.get("peft_type"))
+    return loader.load(key, loader.parse_config(config), tensors, geometry, placement)
 
 
 def load_peft_files(

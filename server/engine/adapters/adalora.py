@@ -57,7 +57,7 @@ class AdaLoraConfig:
 
 
 class AdaLoraKind:
-    peft_types = ("ADALORA",)
+    kinds = ("adalora",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> AdaLoraConfig:
         require_layer_task(raw)

@@ -41,7 +41,7 @@ class AdaptionPromptConfig:
 
 
 class AdaptionPromptKind:
-    peft_types = ("ADAPTION_PROMPT",)
+    kinds = ("adaption_prompt",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> AdaptionPromptConfig:
         require_layer_task(raw)
@@ -94,10 +94,14 @@ class AdaptionPromptKind:
 
 
 def _project(module: str, part: Mapping[str, torch.Tensor], geometry: Geometry, placement: Placement) -> AdaptionModule:
-    """The prompt's keys and values as PEFT computes them: the layer's k_proj / v_proj in the model's dtype."""
+    """The prompt's keys and values as PEFT computes them: the layer's k_proj / v_proj in the model's dtype.
+
+    Computed where `placement` says: on the device when serving, on the CPU when validating an upload (the
+    projection's weights are copied there), so a validation allocates no device memory."""
     kv = []
     for projection in ("k_proj", "v_proj"):
         weight, bias = placement.base_linear(f"{module}.{projection}")
+        weight, bias = weight.to(placement.device), None if bias is None else bias.to(placement.device)
         out = F.linear(part["adaption_prompt"][0].to(weight.device, weight.dtype), weight, bias)  # [len, kv_dim]
         kv.append(out.view(-1, geometry.num_kv_heads, geometry.head_dim).transpose(0, 1).contiguous())
     gate = part["adaption_gate"].to(placement.device, placement.dtype)

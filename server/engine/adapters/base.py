@@ -1,8 +1,10 @@
 """What every adapter kind turns PEFT's saved files into: one `LoadedAdapter`.
 
-A kind is a registered pair: a typed config parsed from `adapter_config.json`
+A kind's loader is a registered pair: a typed config parsed from `adapter_config.json`
 at the edge, and a loader that converts the saved tensors into inference
-tensors once. Nothing from PEFT travels further into the engine.
+tensors once. Nothing from PEFT travels further into the engine. Which kinds exist, and the
+`peft_type` values each covers, is the store's table (`adapters_store.kinds`): a loader registers
+against a kind's name there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from adapters_store import AdapterKey
+from adapters_store import AdapterKey, kinds
 from server.engine.backbone import Geometry
 
 MODULE_PREFIX = "base_model.model."  # PEFT's wrapper prefix on injected-layer keys
@@ -158,9 +160,9 @@ class Placement:
 
 
 class AdapterKind(Protocol):
-    """A registered adapter kind: parse the config, then load the tensors."""
+    """A registered kind's loader: parse the config, then load the tensors."""
 
-    peft_types: tuple[str, ...]
+    kinds: tuple[str, ...]  # names in `adapters_store.kinds.KINDS` this loader serves
 
     def parse_config(self, raw: Mapping[str, Any]) -> Any: ...
 
@@ -174,13 +176,32 @@ class AdapterKind(Protocol):
     ) -> LoadedAdapter: ...
 
 
-KINDS: dict[str, AdapterKind] = {}
+LOADERS: dict[str, AdapterKind] = {}  # kind name -> its loader
 
 
-def register(kind: AdapterKind) -> AdapterKind:
-    for peft_type in kind.peft_types:
-        KINDS[peft_type] = kind
-    return kind
+def register(loader: AdapterKind) -> AdapterKind:
+    for name in loader.kinds:
+        kind = kinds.by_name(name)
+        if kind is None or not kind.peft_types:
+            raise ValueError(f"{name!r} is not a PEFT kind of adapters_store.kinds; add it to the table first")
+        LOADERS[name] = loader
+    return loader
+
+
+def loader_for(peft_type: object) -> AdapterKind:
+    """The loader for an adapter_config.json's `peft_type`; refuses a type no kind covers."""
+    kind = kinds.by_peft_type(peft_type)
+    if kind is None:
+        served = ", ".join(kinds.served_peft_types())
+        raise AdapterError(f"adapter_config.json: peft_type={peft_type!r} is not served (served: {served})")
+    return LOADERS[kind.name]
+
+
+def check_loaders() -> None:
+    """Every PEFT kind of the table has a loader (run once the kinds' modules are imported)."""
+    missing = [kind.name for kind in kinds.KINDS if kind.peft_types and kind.name not in LOADERS]
+    if missing:
+        raise ImportError(f"adapters_store.kinds lists kinds the engine cannot load: {missing}")
 
 
 # --- helpers shared by the kinds -------------------------------------------------------------

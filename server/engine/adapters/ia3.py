@@ -40,7 +40,7 @@ class Ia3Config:
 
 
 class Ia3Kind:
-    peft_types = ("IA3",)
+    kinds = ("ia3",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> Ia3Config:
         require_layer_task(raw)

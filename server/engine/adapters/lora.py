@@ -69,7 +69,7 @@ class LoraConfig:
 
 
 class LoraKind:
-    peft_types = ("LORA",)
+    kinds = ("lora",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> LoraConfig:
         require_layer_task(raw)

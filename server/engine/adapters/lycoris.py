@@ -93,7 +93,7 @@ def _factors(module: str, part: Mapping[str, torch.Tensor], name: str) -> tuple[
 class LycorisKind:
     """A LyCORIS kind: its tensors, and how a module's tensors fold into LoRA factors (B', A')."""
 
-    peft_types: tuple[str, ...]
+    kinds: tuple[str, ...]
     name: str
     suffixes: tuple[str, ...]
     fold: Callable[[str, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -126,8 +126,8 @@ class LycorisKind:
                 raise AdapterError(f"{self.name} module {module!r}: the delta is {list(got)}, the layer {list(want)}")
             a, b = low_rank(b, a)
             lora[module] = LoraModule(a=a, b=b, scaling=config.scaling(module))
-        return LoadedAdapter(key=key, kind=self.name.lower(), lora=lora)
+        return LoadedAdapter(key=key, kind=self.kinds[0], lora=lora)
 
 
-register(LycorisKind(("LOHA",), "LoHa", _LOHA, fold_loha))
-register(LycorisKind(("LOKR",), "LoKr", _LOKR, fold_lokr))
+register(LycorisKind(("loha",), "LoHa", _LOHA, fold_loha))
+register(LycorisKind(("lokr",), "LoKr", _LOKR, fold_lokr))

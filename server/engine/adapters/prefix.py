@@ -35,7 +35,7 @@ class PrefixConfig:
 
 
 class PrefixKind:
-    peft_types = ("PREFIX_TUNING",)
+    kinds = ("prefix_tuning",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> PrefixConfig:
         require_causal_lm(raw)

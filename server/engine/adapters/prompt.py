@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from adapters_store import kinds
 from server.engine.adapters.base import (
     AdapterError,
     LoadedAdapter,
@@ -50,7 +51,7 @@ def only_tensor(tensors: Mapping[str, torch.Tensor], name: str = "prompt_embeddi
 
 
 class SoftPromptKind:
-    peft_types = ("PROMPT_TUNING", "P_TUNING")
+    kinds = ("prompt_tuning", "p_tuning")
 
     def parse_config(self, raw: Mapping[str, Any]) -> SoftPromptConfig:
         require_causal_lm(raw)
@@ -83,8 +84,9 @@ class SoftPromptKind:
             "[virtual_tokens, hidden]",
         )
         soft_prompt = embeddings.to(placement.device, placement.dtype)  # PEFT casts to the embeddings' dtype
-        kind = "prompt_tuning" if config.peft_type == "PROMPT_TUNING" else "p_tuning"
-        return LoadedAdapter(key=key, kind=kind, soft_prompt=soft_prompt)
+        kind = kinds.by_peft_type(config.peft_type)
+        assert kind is not None  # parse_config ran on a served type
+        return LoadedAdapter(key=key, kind=kind.name, soft_prompt=soft_prompt)
 
 
 register(SoftPromptKind())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from adapters_store import AdapterKey
-from adapters_store.format import Template, parse_prompt_format, parse_template
+from adapters_store.format import TEMPLATE_KIND, Template, parse_prompt_format, parse_template
 from server.engine.adapters.base import AdapterError, LoadedAdapter
 
 
@@ -18,7 +18,7 @@ def load_template(key: AdapterKey, data: bytes, tokenizer) -> LoadedAdapter:
     if tokenizer is None:
         raise AdapterError("template tasks need a backbone with a tokenizer")
     template = parse_template(data)
-    return LoadedAdapter(key=key, kind="template", template=template, template_ids=leading_ids(template, tokenizer))
+    return LoadedAdapter(key=key, kind=TEMPLATE_KIND, template=template, template_ids=leading_ids(template, tokenizer))
 
 
 def with_prompt_format(adapter: LoadedAdapter, data: bytes) -> LoadedAdapter:

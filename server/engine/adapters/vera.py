@@ -42,7 +42,7 @@ class VeraConfig:
 
 
 class VeraKind:
-    peft_types = ("VERA",)
+    kinds = ("vera",)
 
     def parse_config(self, raw: Mapping[str, Any]) -> VeraConfig:
         require_layer_task(raw)
