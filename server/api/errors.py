@@ -109,6 +109,7 @@ def error_response(
     if getattr(request.scope.get("route"), "openai_errors", False):
         if kind == "unknown_task":
             param = "model"
+        param = _openai_param(request, param)
         error = {
             "message": message,
             "type": "invalid_request_error" if status < 500 else "server_error",
@@ -118,6 +119,17 @@ def error_response(
     else:
         error = {"type": kind, "message": message}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+# the engine's and the native API's field names -> the OpenAI routes' own
+OPENAI_PARAMS = {"max_new_tokens": "max_tokens"}
+
+
+def _openai_param(request: Request, param: str | None) -> str | None:
+    """A field at fault as an OpenAI client named it: a chat request has `messages` where the engine says `prompt`."""
+    if param == "prompt" and request.url.path.endswith("/chat/completions"):
+        return "messages"
+    return OPENAI_PARAMS.get(param, param)
 
 
 def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
@@ -134,8 +146,8 @@ def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None
 
         async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> JSONResponse:
             retry_after = getattr(exc, "retry_after", 1)
-            param = getattr(exc, "param", None)
-            response = answer(request, status, kind, str(exc), param=param, retry_after=retry_after)
+            param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+            response = answer(request, status, kind, str(exc), param=param, code=code, retry_after=retry_after)
             response.headers.update(getattr(exc, "headers", None) or {})  # x-ratelimit-* on a quota's 429
             return response
 

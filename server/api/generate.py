@@ -49,6 +49,7 @@ async def generate(
         ignore_eos=body.ignore_eos,
         logprobs=body.top_logprobs if body.logprobs else None,
         prompt_logprobs=body.top_logprobs if body.prompt_logprobs else None,
+        constraint=None if body.structured_outputs is None else body.structured_outputs.constraint(),
         **body.controls(),
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]

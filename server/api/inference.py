@@ -8,7 +8,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
@@ -36,8 +36,9 @@ def sampling_params(**fields) -> SamplingParams:
     """`SamplingParams(**fields)`, its refusals as a 400."""
     try:
         return SamplingParams(**fields)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+    except ValueError as exc:  # its messages start with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise InvalidRequest(str(exc), param=name if name in SamplingParams.__dataclass_fields__ else None) from None
 
 
 async def start_generation(
@@ -53,8 +54,9 @@ async def start_choices(
     sampling: SamplingParams,
     *,
     prompt: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     prompt_ids: Sequence[int] | None = None,
+    tools: list[dict] | None = None,
     fill_context: bool = False,
     version: int | None = None,
     metrics: Metrics | None = None,
@@ -73,6 +75,8 @@ async def start_choices(
     started = time.perf_counter()
     if caller is not None and not caller.sees(task_id):
         raise TaskNotFound(f"unknown task {task_id!r}")  # a task of another tenant does not exist for this one
+    if sampling.constraint is not None:  # checked and compiled off the event loop (then cached for the rows)
+        await run_in_threadpool(engine.grammars.compile, sampling.constraint)
     try:
         spend = await _admit_quotas(admission, caller)
     except OverQuota:
@@ -93,7 +97,7 @@ async def start_choices(
                 metrics.last_use.touch(task_id)
         try:
             ids = await run_in_threadpool(
-                encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids
+                encode, engine, lease.adapter, prompt=prompt, messages=messages, prompt_ids=prompt_ids, tools=tools
             )
             if fill_context:
                 room = room_for(engine, lease.adapter, ids)
@@ -137,42 +141,47 @@ def encode(
     adapter: LoadedAdapter | None,
     *,
     prompt: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     prompt_ids: Sequence[int] | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[int, ...]:
     """A request's token ids: the prompt, the chat-templated messages, what a template task wraps, or the token ids
-    given as they are."""
+    given as they are. `tools` go to the chat template (a template that does not render them ignores them)."""
     tokenizer = engine.backbone.tokenizer
     if prompt_ids is not None:
         if adapter is not None and adapter.template is not None:
-            raise InvalidRequest("this task wraps text in its template: send the prompt as text, not token ids")
+            message = "this task wraps text in its template: send the prompt as text, not token ids"
+            raise InvalidRequest(message, param="prompt")
         ids = list(prompt_ids)
     elif tokenizer is None:
-        raise InvalidRequest("this backbone has no tokenizer, so it takes no text")
+        raise InvalidRequest("this backbone has no tokenizer, so it takes no text", param="prompt")
     elif adapter is not None and adapter.template is not None:
         return render_ids(adapter, prompt if prompt is not None else _sole_user_input(messages), tokenizer)
     elif messages is not None:
         try:
             ids = tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+                [dict(m) for m in messages], tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except ValueError as exc:  # e.g. the tokenizer has no chat template
-            raise InvalidRequest(f"cannot apply the chat template: {exc}") from None
+            raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from None
     else:
         ids = tokenizer.encode(prompt or "")
     if not ids:
-        raise InvalidRequest("the prompt is empty")
+        raise InvalidRequest("the prompt is empty", param="prompt")
     limit = engine.backbone.geometry.context_length
     if len(ids) >= limit:  # refused here, on this thread, rather than checked token by token on the event loop
-        raise InvalidRequest(f"the prompt is {len(ids)} tokens; the context length is {limit}")
+        raise InvalidRequest(
+            f"the prompt is {len(ids)} tokens; the context length is {limit}", "prompt", "context_length_exceeded"
+        )
     return tuple(ids)
 
 
-def _sole_user_input(messages: Sequence[Mapping[str, str]] | None) -> str:
+def _sole_user_input(messages: Sequence[Mapping[str, Any]] | None) -> str:
     if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     raise InvalidRequest(
-        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation"
+        "this task wraps one input in its template: send 'prompt', or a single user message, not a conversation",
+        param="messages",
     )
 
 

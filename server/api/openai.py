@@ -45,12 +45,17 @@ from server.api.openai_schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
+    FunctionCallDelta,
     Model,
     ModelList,
     OpenAIError,
     OpenAIErrorDetail,
+    PromptTokensDetails,
     SamplingFields,
+    ToolCall,
+    ToolCallDelta,
 )
+from server.api.structured import CallReader, ToolCalls
 from server.engine.engine import Engine
 from server.engine.request import BASE_TASK, InvalidRequest, TokenDelta, UnknownTask
 from server.engine.sampling import SamplingParams
@@ -85,7 +90,7 @@ def _no_such_model(engine: Engine, model: str) -> UnknownTask:
 
 def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scoring) -> SamplingParams:
     if max_tokens > server_limit:
-        raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}")
+        raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {server_limit}", "max_tokens")
     return sampling_params(
         **scoring,
         **body.controls(),
@@ -96,6 +101,7 @@ def _sampling(body: SamplingFields, max_tokens: int, server_limit: int, **scorin
         seed=None if body.seed is None else body.seed % SEED_SPACE,
         stop=body.stop_strings,
         ignore_eos=body.ignore_eos,
+        constraint=body.constraint,
     )
 
 
@@ -168,7 +174,12 @@ class _Reply:
         """Each prompt counts once, however many choices share it; every choice's tokens count."""
         prompt = sum(d.prompt_tokens for d in lasts[:: self.n])
         completion = sum(d.completion_tokens for d in lasts)
-        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return CompletionUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=0),  # no prefix cache: every token is computed
+        )
 
 
 @router.post("/completions", response_model=Completion, responses={200: STREAMED, **ERRORS})
@@ -221,23 +232,25 @@ async def chat_completions(
     sampling = _sampling(
         body, limit if body.limit is None else body.limit, limit, logprobs=body.logprobs_asked, n=body.n
     )
-    messages = [m.native() for m in body.messages]
-    prompts = [{"messages": messages, "fill_context": body.limit is None}]
+    renders_tools = "tool_calls" in (getattr(engine.backbone.tokenizer, "chat_template", None) or "")
+    messages = [m.native(renders_tools) for m in body.messages]
+    calls = body.tool_calls
+    tools = None if calls is None else [t.template() for t in calls.tools]  # for templates that render them
+    prompts = [{"messages": messages, "fill_context": body.limit is None, "tools": tools}]
     streams = await _start(engine, body, sampling, metrics, admission, prompts, _caller(request))
     reply = _Reply.new("chatcmpl", body.model, body.n)
     tokenizer = engine.backbone.tokenizer if body.logprobs else None
     if body.stream:
-        return EventStream(_chat_events(reply, streams, body.include_usage, tokenizer), sources=streams)
+        return EventStream(_chat_events(reply, streams, body.include_usage, tokenizer, calls), sources=streams)
     dones = await unless_disconnected(request, collect_all(streams))
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=done.text),
-            finish_reason=done.last.finish_reason,
-            logprobs=_chat_logprobs(tokenizer, done.logprobs),
-        )
-        for i, done in enumerate(dones)
-    ]
+    choices = []
+    for i, done in enumerate(dones):
+        message, finish = AssistantMessage(content=done.text), done.last.finish_reason
+        call = None if calls is None or finish != "stop" else calls.reader().call(done.text)
+        if call is not None:
+            message, finish = AssistantMessage(content=None, tool_calls=[ToolCall(**call)]), "tool_calls"
+        logprobs = _chat_logprobs(tokenizer, done.logprobs)
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=logprobs))
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
@@ -371,23 +384,43 @@ def _completion_events(
 
 
 async def _chat_events(
-    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, tokenizer
+    reply: _Reply, streams: list[AsyncIterator[TokenDelta]], include_usage: bool, tokenizer, calls: ToolCalls | None
 ) -> AsyncIterator[str]:
-    """`tokenizer` is None unless the request asked for log-probabilities."""
+    """`tokenizer` is None unless the request asked for log-probabilities. With `calls`, each choice's output is
+    streamed as one tool call: its id and name once the name is known, then its arguments as they come."""
+    readers = [None if calls is None else calls.reader() for _ in streams]
 
     def chunk(i: int, delta: ChatDelta, finish=None, fingerprint=None, logprobs=None) -> str:
         choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
         return reply.sse(ChatCompletionChunk, [choice], system_fingerprint=fingerprint)
 
+    def call_delta(reader: CallReader, text: str, last: bool) -> ChatDelta | None:
+        """The call's id and name in its first delta (once the name is known), then its arguments as they come."""
+        arguments = reader.push(text, last)
+        if reader.name is None or (reader.announced and not arguments):
+            return None
+        head = {} if reader.announced else {"id": reader.id, "type": "function"}
+        function = FunctionCallDelta(name=None if reader.announced else reader.name, arguments=arguments)
+        reader.announced = True
+        return ChatDelta(tool_calls=[ToolCallDelta(index=0, function=function, **head)])
+
     def events_of(i: int, delta: TokenDelta) -> Iterator[str]:
-        if delta.text or (delta.token_ids and tokenizer is not None):
-            scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+        reader, last = readers[i], delta.finish_reason is not None
+        scores = _chat_logprobs(tokenizer, delta.logprobs or [])
+        if reader is not None:
+            shown = call_delta(reader, delta.text, last)
+            if shown is not None or (delta.token_ids and tokenizer is not None):
+                yield chunk(i, shown or ChatDelta(), fingerprint=delta.fingerprint, logprobs=scores)
+        elif delta.text or (delta.token_ids and tokenizer is not None):
             yield chunk(i, ChatDelta(content=delta.text), fingerprint=delta.fingerprint, logprobs=scores)
-        if delta.finish_reason is not None:
-            yield chunk(i, ChatDelta(), finish=delta.finish_reason, fingerprint=delta.fingerprint)
+        if last:
+            finish = delta.finish_reason
+            if reader is not None and finish == "stop" and reader.complete:
+                finish = "tool_calls"
+            yield chunk(i, ChatDelta(), finish=finish, fingerprint=delta.fingerprint)
 
     for i in range(len(streams)):
-        yield chunk(i, ChatDelta(role="assistant", content=""))
+        yield chunk(i, ChatDelta(role="assistant", content=None if calls is not None else ""))
     async with aclosing(_events(reply, ChatCompletionChunk, streams, include_usage, events_of)) as events:
         async for event in events:
             yield event

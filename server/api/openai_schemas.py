@@ -7,22 +7,31 @@ therefore never gets output that silently differs from what it asked for. `docs/
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from server.api.fields import MAX_LOGPROBS, Temperature, Text, TopK, TopP, unsupported
 from server.api.schemas import SamplingControls
+from server.api.structured import (
+    GuidedFields,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolCalls,
+    ToolChoice,
+    one_constraint,
+    response_format_constraint,
+)
+from server.engine.grammar import Constraint
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 # parameter -> (the values that mean "off", why any other value is refused)
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((None, 1), "ask for n choices instead (vLLM's V1 engine refuses best_of too)"),
     "suffix": ((None, ""), "inserting text needs a fill-in-the-middle model"),
-    "tools": ((None, []), "leave it out"),
-    "tool_choice": ((None, "none"), "leave it out"),
-    "response_format": ((None, {"type": "text"}), "only the text format is served"),
 }
 REFUSED_FIELD = Field(default=None, description="refused: only the default (off) is accepted")
 
@@ -45,7 +54,7 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(Strict, SamplingControls):
+class SamplingFields(Strict, SamplingControls, GuidedFields):
     """What completions and chat share."""
 
     model: Text = Field(description="a task id; 'base' or the backbone's name for the backbone alone")
@@ -61,6 +70,24 @@ class SamplingFields(Strict, SamplingControls):
     n: int = Field(default=1, ge=1, description="choices per prompt, up to the server's max_n; they share one prefill")
     ignore_eos: bool = Field(default=False, description="extension: keep generating past EOS (benchmarks)")
     user: str | None = Field(default=None, description="accepted and ignored")
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema")
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="vLLM: one of json, regex, choice, grammar, json_object"
+    )
+
+    def constraints(self) -> list[tuple[str, Constraint | None]]:
+        """(field, constraint) for every field that may constrain the output."""
+        so = self.structured_outputs
+        return [
+            ("response_format", response_format_constraint(self.response_format)),
+            ("structured_outputs", None if so is None else so.constraint()),
+            *self.guided(),
+        ]
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the output must match, if anything: at most one field may say."""
+        return one_constraint(self.constraints())
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -119,15 +146,53 @@ class ContentPart(Strict):
     text: Text
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[ContentPart]
-    name: str | None = Field(default=None, description="accepted; the chat template does not render it")
+class CalledFunction(Strict):
+    name: str
+    arguments: Text = Field(description="the arguments as JSON text")
 
-    def native(self) -> dict[str, str]:
-        """What the chat template takes: developer messages are system messages; text parts are joined."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+class MessageToolCall(Strict):
+    """A call an earlier assistant turn made, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
+    name: str | None = Field(default=None, description="accepted; the chat template does not render it")
+    tool_calls: list[MessageToolCall] | None = Field(default=None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(default=None, description="tool: the call this message answers")
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message, and only one, carries tool_call_id: the call it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (an assistant message may carry tool_calls instead)")
+        return self
+
+    def native(self, renders_tools: bool = False) -> dict[str, Any]:
+        """What the chat template takes: developer messages are system messages; text parts are joined. Calls go
+        as `tool_calls` to a template that renders them, and otherwise as the text they were generated as
+        (`{"name":...,"arguments":...}`), so the model still sees what it called."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        calls = self.tool_calls or []
+        if calls and renders_tools:
+            message["tool_calls"] = [c.model_dump() for c in calls]
+        elif calls:
+            message["content"] = text + "".join(
+                f'{{"name":{json.dumps(c.function.name)},"arguments":{c.function.arguments}}}' for c in calls
+            )
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -144,9 +209,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many alternatives per token"
     )
-    tools: Any = REFUSED_FIELD
-    tool_choice: Any = REFUSED_FIELD
-    response_format: Any = REFUSED_FIELD
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="'required' or a named function; 'auto' (the default with tools) is refused"
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted: one call is generated")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -163,11 +230,26 @@ class ChatCompletionRequest(SamplingFields):
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def tool_calls(self) -> ToolCalls | None:
+        """The call asked for, if any (a 400 for tool_choice 'auto')."""
+        return ToolCalls.of(self.tools, self.tool_choice)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        calls = self.tool_calls
+        return one_constraint([*self.constraints(), ("tools", None if calls is None else calls.constraint)])
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV came from a cache: none are (no prefix cache)")
+
 
 class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -196,9 +278,28 @@ class Completion(BaseModel):
     system_fingerprint: str | None = Field(default=None, description="the task version that served: task@version")
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatTopLogprob(BaseModel):
@@ -233,13 +334,30 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = Field(default=None, description="the task version that served: task@version")
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class SetFieldsOnly(BaseModel):
+    """A streamed delta: the fields it sets, nothing else (as OpenAI sends them)."""
 
     @model_serializer(mode="wrap")
     def _set_fields_only(self, handler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(SetFieldsOnly):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(SetFieldsOnly):
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class ChatDelta(SetFieldsOnly):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

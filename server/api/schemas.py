@@ -17,6 +17,7 @@ from server.api.fields import (
     TopP,
     valid_unicode_tree,
 )
+from server.api.structured import StructuredOutputs
 
 
 class Message(BaseModel):
@@ -114,6 +115,9 @@ class GenerateRequest(SamplingControls):
     logprobs: bool = Field(default=False, description="each generated token's log-probability")
     prompt_logprobs: bool = Field(default=False, description="each prompt token's log-probability (the first: null)")
     top_logprobs: int = Field(default=0, ge=0, le=MAX_LOGPROBS, description="the most likely alternatives to each")
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="the output must match: one of json (a schema), regex, choice, grammar, json_object"
+    )
 
     @model_validator(mode="after")
     def one_input(self) -> GenerateRequest:

@@ -27,6 +27,7 @@ from server.engine.backbone import Backbone
 from server.engine.batch import Batch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.generation import Generation, Sink, shared_leases
+from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVPool
 from server.engine.request import (
     BASE_TASK,
@@ -95,6 +96,7 @@ class Engine:
             block_size=self.pool.block_size,
         )
         self.runner = ModelRunner(backbone, self.residency.pool)
+        self.grammars = Grammars(backbone.tokenizer, g.vocab_size, backbone.eos_token_ids)  # structured outputs
         self.batch = Batch(self.pool, self.residency.pool, lora_backend=settings.lora_backend)
         self.waiting = WaitingQueue(settings.max_queue)
         self.steps = 0
@@ -169,9 +171,9 @@ class Engine:
         self._check_ids(request)
         lease = lease or self.residency.acquire(self.resolve(request.task_id, request.version))
         leases = shared_leases(lease, n) if n > 1 else [lease]
-        row = self._row(request, leases[0], sink)
-        row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
         try:
+            row = self._row(request, leases[0], sink)
+            row.children = [self._row(_choice(request, i), leases[i], choices[i - 1]) for i in range(1, n)]
             self._validate(row)
             self.waiting.push(row)
         except BaseException:
@@ -196,8 +198,11 @@ class Engine:
             raise UnknownTask(f"unknown task {task_id!r}") from None
 
     def _row(self, request: GenerationRequest, lease: Lease, sink: Sink) -> Generation:
+        """One row; a constrained one gets a matcher of its own (each of n choices walks its grammar alone)."""
         vocab, device = self.backbone.geometry.vocab_size, self.backbone.device
-        return Generation(request, lease, sink, self.backbone.eos_token_ids, device, vocab=vocab)
+        constraint = request.sampling.constraint
+        matcher = None if constraint is None else self.grammars.matcher(constraint)
+        return Generation(request, lease, sink, self.backbone.eos_token_ids, device, vocab=vocab, matcher=matcher)
 
     def generate(self, request: GenerationRequest, lease: Lease | None = None) -> AsyncIterator[TokenDelta]:
         """Submit now (bad input and a full queue raise here), then stream text deltas in asyncio.
@@ -267,7 +272,7 @@ class Engine:
     def _check_ids(self, request: GenerationRequest) -> None:
         """Every token id the request names lies in the vocabulary (checked before any tensor is indexed by one)."""
         if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         vocab, sampling = self.backbone.geometry.vocab_size, request.sampling
         for name, ids in (
             ("prompt", request.prompt_ids),
@@ -281,23 +286,26 @@ class Engine:
         sampling, limit = row.sampling, self.backbone.geometry.context_length
         n, most = sampling.n, min(self.settings.max_n, self.settings.max_batch_size)
         if n > most:
-            raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt")
+            raise InvalidRequest(f"n={n} exceeds this server's limit of {most} choices per prompt", param="n")
         asked, allowed = sampling.max_new_tokens, self.settings.max_new_tokens
         if asked > allowed:
-            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}")
+            raise InvalidRequest(f"max_new_tokens={asked} exceeds this server's limit of {allowed}", "max_new_tokens")
         columns = row.prefix_len + row.kv_tokens
         if columns > limit:
             virtual = row.prefix_len + row.soft_len
             raise InvalidRequest(
                 f"prompt ({len(row.prompt_ids)} tokens + {virtual} virtual) + max_new_tokens ({asked}) "
-                f"exceeds the context length of {limit}"
+                f"exceeds the context length of {limit}",
+                param="max_new_tokens",
+                code="context_length_exceeded",
             )
         if reserved_blocks(row, self.pool.block_size) > self.pool.capacity_blocks:
             raise InvalidRequest(
-                f"this request needs {columns} KV columns; the server holds {self.settings.max_kv_tokens}"
+                f"this request needs {columns} KV columns; the server holds {self.settings.max_kv_tokens}",
+                param="max_new_tokens",
             )
         if sampling.stop and self.backbone.tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer, and this backbone has none")
+            raise InvalidRequest("stop strings need a tokenizer, and this backbone has none", param="stop")
         _check_adapter_scale(row)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -462,8 +470,9 @@ def _with_text(
             yield delta
         else:
             shown = delta.token_ids
-            if delta.finish_reason == "stop" and not detokenizer.include_stop:
-                shown = shown[:-1]
+            ended_by_token = delta.finish_reason == "stop" and bool(shown) and shown[-1] in row.end_ids
+            if ended_by_token and not detokenizer.include_stop:
+                shown = shown[:-1]  # EOS or a stop token; a grammar that completes ends on a token of its output
             text = "".join(detokenizer.push(t) for t in shown)
             reason = "stop" if detokenizer.stopped else delta.finish_reason
             if reason is not None:

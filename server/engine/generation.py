@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from llguidance import LLMatcher
 
 from server.engine.adapters import LoadedAdapter
 from server.engine.request import FinishReason, GenerationRequest, TokenDelta, TokenLogprob
@@ -42,7 +43,14 @@ class Generation:
     """A request's engine-side state. Touched by the engine thread only, except `cancel`."""
 
     def __init__(
-        self, request: GenerationRequest, lease: Lease, sink: Sink, eos_ids: frozenset[int], device, vocab: int = 0
+        self,
+        request: GenerationRequest,
+        lease: Lease,
+        sink: Sink,
+        eos_ids: frozenset[int],
+        device,
+        vocab: int = 0,
+        matcher: LLMatcher | None = None,
     ):
         self.request = request
         self.arrival = next(_arrivals)
@@ -63,6 +71,7 @@ class Generation:
             if request.sampling.adjusts_logits
             else None
         )
+        self.matcher = matcher  # the row's place in its grammar (structured outputs); None when unconstrained
         self.output_ids: list[int] = []
         self.prompt_logprobs: list[TokenLogprob] = []  # prompt tokens after the first, as prefill scores them
         self.computed = 0  # inputs whose KV is cached
@@ -159,7 +168,7 @@ class Generation:
         if self.history is not None:
             self.history.add(token)
         reason: FinishReason | None = None
-        if token in self.end_ids:
+        if token in self.end_ids or self._grammar_done(token):
             reason = "stop"
         elif self.remaining <= 0:
             reason = "length"
@@ -174,6 +183,13 @@ class Generation:
             prompt_ids=self.prompt_ids,
             queue_seconds=self.queue_seconds,
         )
+
+    def _grammar_done(self, token: int) -> bool:
+        """Advance the row's grammar by `token`: done once it accepts nothing more (its output is complete)."""
+        if self.matcher is None:
+            return False
+        self.matcher.consume_token(token)
+        return self.matcher.is_stopped()
 
     def _scored_prompt(self) -> list[TokenLogprob | None] | None:
         return None if self.sampling.prompt_logprobs is None else [None, *self.prompt_logprobs]

@@ -19,11 +19,13 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError, ValueError):
-    """The request cannot be served as asked (HTTP 400); `param` names the field at fault, when one is."""
+    """The request cannot be served as asked (HTTP 400); `param` names the field at fault, when one is, and `code`
+    says why in a word where OpenAI has one (`context_length_exceeded`)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class UnknownTask(EngineError, KeyError):

@@ -13,6 +13,7 @@ from server.engine.adapters.pool import AdapterPool
 from server.engine.backbone import Backbone
 from server.engine.batch import Batch, StepInputs
 from server.engine.generation import Generation
+from server.engine.grammar import mask_logits
 from server.engine.request import TokenLogprob
 from server.engine.sampling import sample
 from server.engine.scheduler import StepPlan
@@ -48,6 +49,8 @@ class ModelRunner:
         logits = self.forward(inputs, keep)  # [sampled + scored, vocab] fp32
         rows = inputs.sampled
         logits, score_logits = logits[: len(rows)], logits[len(rows) :]
+        # as in vLLM, a grammar's mask comes first: a constrained row's log-probabilities are of what it may emit
+        logits = mask_logits(logits, [r.matcher for r in rows])
         tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.history for r in rows])
         return RunnerOutput(
             rows=rows,

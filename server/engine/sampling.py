@@ -13,8 +13,12 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Constraint
 
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
@@ -74,6 +78,8 @@ class SamplingParams:
     """Leave special tokens out of the text."""
     n: int = 1
     """Choices for this prompt: rows that share its prefill, each sampling its own tokens (seed + i for the i-th)."""
+    constraint: Constraint | None = None
+    """A grammar the output must match (structured outputs): each row masks its logits from a matcher of its own."""
 
     def __post_init__(self) -> None:
         # Normalise a list of stops to a tuple so the params stay hashable; a bare str would

@@ -132,21 +132,28 @@ def test_an_unknown_model_is_not_found(client, model):
         ({"prompt": [], "n": 2}, "prompt"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 100_000}, None),
-        ({"stop": [""]}, None),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
         ({"logprobs": 21}, "logprobs"),
-        ({"prompt": "x " * 9000}, None),
+        ({"prompt": "x " * 9000}, "prompt"),
     ],
 )
 def test_bad_parameters_are_bad_requests(client, params, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**{"model": "base", "prompt": "x", "max_tokens": 4, **params})
-    assert caught.value.type == "invalid_request_error"
-    if param is not None:
-        assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error" and caught.value.param == param
 
 
-@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_json"])
+def test_a_prompt_past_the_context_is_named_as_each_route_calls_it(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x " * 9000}], max_tokens=2)
+    assert caught.value.param == "messages" and caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="x " * 7000, max_tokens=2000)
+    assert caught.value.param == "max_tokens" and caught.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("field", ["use_beam_search", "mirostat_tau", "guided_decoding_backend"])
 def test_an_unknown_field_is_a_bad_request_naming_it(client, field):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt="x", max_tokens=2, extra_body={field: 1})
@@ -167,10 +174,10 @@ def test_a_refused_field_passes_off_and_is_refused_on(client):
 
 
 def test_an_unknown_field_inside_a_message_is_named(client):
-    message = {**CHAT[0], "tool_calls": []}
+    message = {**CHAT[0], "audio": {"id": "a"}}
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="base", messages=[message], max_tokens=2)
-    assert caught.value.param == "messages.0.tool_calls" and caught.value.code == "unknown_parameter"
+    assert caught.value.param == "messages.0.audio" and caught.value.code == "unknown_parameter"
 
 
 def test_the_native_route_refuses_an_unknown_field(http):

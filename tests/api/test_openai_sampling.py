@@ -85,7 +85,7 @@ def test_min_tokens_and_special_tokens(client):
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ({"extra_body": {"min_p": 2}}, "min_p"),
         ({"extra_body": {"min_tokens": -1}}, "min_tokens"),
-        ({"extra_body": {"min_tokens": 9}}, None),  # more than max_tokens
+        ({"extra_body": {"min_tokens": 9}}, "min_tokens"),  # more than max_tokens
         ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids"),
         ({"prompt": [10**9], "extra_body": {"repetition_penalty": 1.2}}, "prompt"),  # checked before any tensor
     ],
