@@ -58,7 +58,9 @@ MAX_EXAMPLES = 64
 MAX_TEMPLATE_BYTES = 64 << 10
 
 _PICKLE_HINT = "pickle weights are never loaded; re-save with save_pretrained(..., safe_serialization=True)"
-TASK_FILES = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE}
+COMPOSITE_FILE = "task.json"  # a composite task's manifest (adapters_store/composite.py)
+_FLAT_MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.adapter_(config\.json|model\.safetensors)")
+TASK_FILES = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE, COMPOSITE_FILE}
 
 
 class FormatError(ValueError):
@@ -128,6 +130,10 @@ def _add(entries: dict[str, bytes], path: str, data: bytes) -> None:
 
 def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
     """Find the one directory holding a task and keep only the files we serve from it."""
+    if any(path.rpartition("/")[2] == COMPOSITE_FILE for path in entries):
+        from adapters_store.composite import select_composite  # it builds on this module
+
+        return select_composite(entries)
     dirs: dict[str, dict[str, bytes]] = {}
     for path, data in entries.items():
         folder, _, base = path.rpartition("/")
@@ -154,6 +160,12 @@ def _select(entries: Mapping[str, bytes]) -> dict[str, bytes]:
     if TEMPLATE_FILE in found:  # the adapter's prompt format (see `parse_prompt_format`)
         kept[TEMPLATE_FILE] = found[TEMPLATE_FILE]
     return kept
+
+
+def _wanted(path: str) -> bool:
+    """Whether an archive member may be a task file (a composite's may be stored flat: `lora.adapter_config.json`)."""
+    base = path.rpartition("/")[2]
+    return base in TASK_FILES or _FLAT_MEMBER.fullmatch(base) is not None
 
 
 def _read_archive(archive: bytes, max_bytes: int) -> dict[str, bytes]:
@@ -204,7 +216,7 @@ def _read_tar_gz(archive: bytes, max_bytes: int) -> dict[str, bytes]:
                     raise FormatError(f"archive member {member.name!r} is {what}; only regular files are accepted")
                 total += member.size
                 _check_size(member.name, member.size, total, max_bytes)
-                if path.rpartition("/")[2] not in TASK_FILES:
+                if not _wanted(path):
                     continue
                 extracted = tar.extractfile(member)
                 assert extracted is not None
@@ -238,7 +250,7 @@ def _read_zip(archive: bytes, max_bytes: int) -> dict[str, bytes]:
             actual = 0
             for info in infos:
                 path = _safe_path(info.filename)
-                if info.is_dir() or path.rpartition("/")[2] not in TASK_FILES:
+                if info.is_dir() or not _wanted(path):
                     continue
                 with zf.open(info) as member:
                     data = member.read(max_bytes - actual + 1)  # counted, whatever the header claims

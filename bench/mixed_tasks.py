@@ -3,12 +3,14 @@
 Measured side by side in one run, on the default model, for each prompt length in --prompt-lengths (short ~12
 tokens, long ~120) and each N in --sizes, on the realistic mix of bench/workload.py (all-linear LoRA r=16, q/v
 LoRA r=8, rsLoRA r=16, prefix 16 and 10-with-projection, prompt 8 and 20, p-tuning 12, IA³), or with
---mix every on every kind served (DoRA, LoRA biases, AdaLoRA, LoHa, LoKr, ... too):
+--mix every on every kind served (DoRA, LoRA biases, AdaLoRA, LoHa, LoKr, ... too, and two composite tasks:
+prefix + FFN LoRA, and prompt + q/v LoRA at scale 0.5 + IA³):
 
   (a) engine, N requests on N distinct tasks cycling through the mix, all submitted at once;
   (b) engine, the same prompts with no adapter (task "base"): the ceiling (a) is held against;
   (c) PEFT by hand, one request at a time: one PeftModel per peft type, `set_adapter` per request;
-      timed on a sample of requests and extrapolated (per-request time x N);
+      timed on a sample of requests and extrapolated (per-request time x N); composites are left out of
+      the sample (no PeftModel holds one);
   (d) a LoRA-only load with varied output lengths: the engine vs PEFT's own mixed batch
       (`generate(adapter_names=...)` on static left-padded batches of the engine's max batch size).
 
@@ -174,6 +176,7 @@ def peft_single(plain, tasks, prompts, new_tokens: int, sample: int, reference) 
     """
     device = next(plain.parameters()).device
     picks = sorted({i * len(tasks) // sample for i in range(min(sample, len(tasks)))})
+    picks = [i for i in picks if tasks[i].peft_type != "COMPOSITE"]  # no PeftModel holds a composite task
     by_type: dict[str, list[int]] = defaultdict(list)
     for i in picks:
         by_type[tasks[i].peft_type].append(i)

@@ -36,7 +36,7 @@ from peft import (  # noqa: E402
     PromptTuningConfig,
     VeraConfig,
 )
-from peft_reference import make_adapter  # noqa: E402
+from peft_reference import make_adapter, make_composite  # noqa: E402
 
 try:
     from serving import serve  # noqa: E402,F401  (re-exported: benches upload through the task layer)
@@ -102,6 +102,18 @@ MIX = {
     "vera_qv_r256": ("vera", VeraConfig(r=256, target_modules=QV, **CAUSAL)),
     "llama_adapter_10x8": ("llama_adapter", AdaptionPromptConfig(adapter_len=10, adapter_layers=8, **CAUSAL)),
 }
+# composite tasks: kind -> its parts (component, how it is randomised, scale, config), in order
+COMPOSITE_MIX = {
+    "mam_prefix16_ffn_r16": (
+        ("prefix", "prefix", 1.0, PrefixTuningConfig(num_virtual_tokens=16, **CAUSAL)),
+        ("lora", "lora_all", 1.0, LoraConfig(r=16, lora_alpha=32, target_modules=MLP, **CAUSAL)),
+    ),
+    "prompt8_lora_qv_ia3": (
+        ("prompt", "prompt", 1.0, PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="RANDOM", **CAUSAL)),
+        ("lora", "lora_qv", 0.5, LoraConfig(r=8, lora_alpha=16, target_modules=QV, **CAUSAL)),
+        ("ia3", "ia3", 1.0, IA3Config(**CAUSAL)),
+    ),
+}
 
 SENTENCES = [
     "Please summarise the following customer review in one short sentence.",
@@ -137,7 +149,7 @@ REALISTIC = (
     "ptuning_mlp_12",
     "ia3",
 )
-MIXES = {"realistic": REALISTIC, "every": tuple(MIX)}
+MIXES = {"realistic": REALISTIC, "every": (*MIX, *COMPOSITE_MIX)}
 
 
 def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = REALISTIC, seed: int = 0, prefix: str = "t"):
@@ -146,8 +158,13 @@ def make_tasks(model, root: Path, n: int, kinds: tuple[str, ...] = REALISTIC, se
     tasks = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        randomise_as, config = MIX[kind]
         path = root / f"{prefix}{i}-{kind}-seed{seed + i}"
+        if kind in COMPOSITE_MIX:  # a task.json and one PEFT folder per component
+            if not (path / "task.json").is_file():
+                make_composite(model, COMPOSITE_MIX[kind], path, seed=seed + i)
+            tasks.append(Task(f"{prefix}{i}-{kind}", kind, path, "COMPOSITE"))
+            continue
+        randomise_as, config = MIX[kind]
         if not (path / "adapter_model.safetensors").is_file():
             make_adapter(model, randomise_as, path, seed=seed + i, config=config)
         peft_type = json.loads((path / "adapter_config.json").read_text())["peft_type"]

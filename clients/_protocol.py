@@ -52,6 +52,7 @@ class Sampling(TypedDict, total=False):
     stop: str | Sequence[str]
     ignore_eos: bool
     version: int  # a stored version of the task to run instead of its current one
+    adapter_scale: float  # 0-2: weights the task's per-layer delta for this request (0 = the backbone; default 1)
 
 
 _SAMPLING_KEYS = frozenset(Sampling.__annotations__)

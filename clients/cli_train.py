@@ -22,7 +22,7 @@ from clients.uploads import check_task_id
 
 __all__ = ["METHOD_NAMES", "add_train_arguments", "cmd_train"]
 
-METHOD_NAMES = ("prefix", "prompt", "p-tuning", "lora", "ia3")  # the keys of clients.train.METHODS
+METHOD_NAMES = ("prefix", "prompt", "p-tuning", "lora", "ia3", "prefix+lora")  # the keys of clients.train.METHODS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

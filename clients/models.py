@@ -11,6 +11,7 @@ __all__ = [
     "Usage",
     "Generation",
     "StreamEvent",
+    "Component",
     "Version",
     "Task",
     "TaskPage",
@@ -61,12 +62,21 @@ class StreamEvent(_Answer):
         return self.finish_reason is not None
 
 
+class Component(_Answer):
+    """One adapter of a composite task."""
+
+    name: str
+    kind: str
+    scale: float = 1.0
+
+
 class Version(_Answer):
     """One immutable task version."""
 
     task_id: str
     version: int
-    kind: str = Field(description="lora, prefix_tuning, prompt_tuning, p_tuning, ia3, template, ...")
+    kind: str = Field(description="lora, prefix_tuning, prompt_tuning, p_tuning, ia3, template, composite, ...")
+    components: list[Component] | None = Field(default=None, description="a composite's adapters, in order")
     parameters: int
     bytes: int
     sha256: str
@@ -81,6 +91,7 @@ class Task(_Answer):
     task_id: str
     version: int = Field(description="the current version")
     kind: str
+    components: list[Component] | None = None
     parameters: int
     bytes: int
     resident: bool = Field(description="the current version is loaded on the device")

@@ -11,6 +11,14 @@ leaves this machine. Method defaults follow the papers:
 | p-tuning | soft input embeddings from an MLP prompt encoder (Liu et al. 2021) | 20 tokens, MLP, lr 3e-3 |
 | lora | low-rank updates of q_proj and v_proj (Hu et al. 2021) | r 8, alpha 16, lr 1e-3 |
 | ia3 | scaling vectors on k, v and the MLP input (Liu et al. 2022) | PEFT's targets, lr 3e-3 |
+| prefix+lora | a composite: LoRA on the feed-forward layers, a prefix at attention (He et al. 2022) | both defaults |
+
+`prefix+lora` trains in two stages, each a plain single-adapter PEFT run: LoRA on gate/up/down first, then the
+prefix on the LoRA-merged model. The second stage is then exactly the composition the server serves (the
+prompt-learning component on the adapted model), each component is saved by PEFT's own `save_pretrained`, and
+nothing relies on stacking two PEFT wrappers, which the pinned PEFT does not support. The price: the LoRA never
+trains with the prefix in place (He et al. train the two jointly); the prefix learns what the LoRA left. Each stage
+runs `--steps` (or `--epochs`) at its own method's rate unless `--lr` is given.
 
 The two methods trained through an MLP take a lower rate than the 1e-2..3e-2 usual for soft prompts: every
 AdamW step moves all of the MLP's weights at once, which moves its output far more than the same rate moves a
@@ -33,14 +41,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters_store.format import TEMPLATE_FILE
+from adapters_store.format import COMPOSITE_FILE, TEMPLATE_FILE
 from clients.train_data import (
     IGNORE,
     PROMPT_FORMAT,
@@ -120,7 +128,8 @@ class Trained:
 class Method:
     lr: float
     virtual_tokens: int | None  # None: not a prompt-learning method
-    build: Callable[[TrainOptions, Path, Sequence[Record], int | None], object]  # -> peft config
+    build: Callable[[TrainOptions, Path, Sequence[Record], int | None], object] | None  # -> peft config
+    stages: tuple[str, ...] = ()  # a composite: these methods, trained in turn, each on the one before merged
 
 
 def _prefix(options: TrainOptions, model_dir: Path, records: Sequence[Record], tokens: int | None):
@@ -165,7 +174,9 @@ METHODS: dict[str, Method] = {
     "p-tuning": Method(lr=3e-3, virtual_tokens=20, build=_p_tuning),
     "lora": Method(lr=1e-3, virtual_tokens=None, build=_lora),
     "ia3": Method(lr=3e-3, virtual_tokens=None, build=_ia3),
+    "prefix+lora": Method(lr=0.0, virtual_tokens=None, build=None, stages=("lora", "prefix")),
 }
+FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the LoRA of a composite: the feed-forward layers (llama)
 
 
 # --- the backbone ------------------------------------------------------------------------------------------------
@@ -234,6 +245,8 @@ def train(
     eval_records = read_records(options.eval) if options.eval is not None else []
     if options.model is not None and not (Path(options.model).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"{options.model} is not a model directory (no config.json)")
+    if method.stages:
+        return _train_stages(options, method, records, eval_records, on_step=on_step, phase=phase)
 
     phase("loading the backbone")
     run = _setup(options, method, records, eval_records)
@@ -252,6 +265,51 @@ def train(
     phase(f"saving to {options.out}")
     options.out.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(options.out, safe_serialization=True)
+    return _finish(options, run, records, total, seconds, losses, (eval_before, eval_after))
+
+
+def _train_stages(
+    options: TrainOptions,
+    method: Method,
+    records: list[Record],
+    eval_records: list[Record],
+    *,
+    on_step: StepCallback | None,
+    phase: Callable[[str], None],
+) -> Trained:
+    """A composite: each stage trains one component on the backbone with the earlier ones merged into it, and is
+    saved into a folder of its own; `task.json` lists them (the prompt-learning one first, as the docs write it)."""
+    phase("loading the backbone")
+    total = options.steps if options.steps is not None else 0
+    base, run, started, losses, eval_before = None, None, time.perf_counter(), [], None
+    for i, stage in enumerate(method.stages):
+        stage_method = METHODS[stage]
+        stage_options = replace(options, method=stage, lora_targets=FFN_TARGETS)
+        run = _setup(stage_options, stage_method, records, eval_records, base=base)
+        steps = options.steps or options.epochs * math.ceil(len(run.examples) / options.batch_size)
+        total = steps * len(method.stages)
+        if i == 0 and run.eval_examples:
+            eval_before = _eval_loss(run, run.eval_examples, options.batch_size)  # LoRA starts as the identity
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        phase(f"stage {i + 1}/{len(method.stages)}, {stage}: {trainable:,} trainable parameters, {steps} steps")
+        done = i * steps
+        report = None if on_step is None else (lambda step, _n, loss, done=done, n=total: on_step(done + step, n, loss))
+        losses += _optimise(run, stage_options, lr=options.lr or stage_method.lr, total=steps, on_step=report)
+        (options.out / stage).mkdir(parents=True, exist_ok=True)
+        run.model.save_pretrained(options.out / stage, safe_serialization=True)
+        if i < len(method.stages) - 1:
+            base = run.model.merge_and_unload()  # the next stage trains on the adapted model
+    assert run is not None
+    seconds = time.perf_counter() - started
+    eval_after = _eval_loss(run, run.eval_examples, options.batch_size) if run.eval_examples else None
+    phase(f"saving to {options.out}")
+    order = sorted(method.stages, key=lambda s: METHODS[s].virtual_tokens is None)
+    (options.out / COMPOSITE_FILE).write_text(json.dumps({"components": order}) + "\n")
+    return _finish(options, run, records, total, seconds, losses, (eval_before, eval_after))
+
+
+def _finish(options: TrainOptions, run: _Run, records, total: int, seconds: float, losses, evals) -> Trained:
+    """Save the prompt format beside the adapter, check the directory, and say what the run made."""
     _save_prompt_format(options.out, plain=records[0].messages is None)
     checked = prepare_upload(options.out)  # the server's own file checks: raises if we wrote something unservable
     return Trained(
@@ -263,8 +321,8 @@ def train(
         examples=len(run.examples),
         skipped=len(records) - len(run.examples),
         train_loss=sum(losses[-10:]) / len(losses[-10:]),
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
+        eval_loss_before=evals[0],
+        eval_loss_after=evals[1],
         model=run.model,
         tokenizer=run.tokenizer,
     )
@@ -292,16 +350,25 @@ class _Run:
     device: torch.device
 
 
-def _setup(options: TrainOptions, method: Method, records: list[Record], eval_records: list[Record]) -> _Run:
+def _setup(
+    options: TrainOptions,
+    method: Method,
+    records: list[Record],
+    eval_records: list[Record],
+    base: torch.nn.Module | None = None,
+) -> _Run:
+    """`base`: the model to train on (a composite's earlier stages merged in); None: the backbone from disk."""
     model_dir = Path(options.model).expanduser() if options.model is not None else ensure_default_model()
     random.seed(options.seed)
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     eos_id = _eos_id(base.config, tokenizer)
     examples = _encode_all(records, tokenizer, eos_id, options.max_length)
     if not examples:
         raise DataError(f"{options.data}: no record has a token to learn after truncation to {options.max_length}")
+    assert method.build is not None
     peft_config = method.build(options, model_dir, records, options.virtual_tokens or method.virtual_tokens)
     device = _device(options.device)
     return _Run(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_store.composite import COMPOSITE_FILE, COMPOSITE_KIND, inspect_composite
 from adapters_store.format import (
     ARCHIVE_SUFFIXES,
     CONFIG_FILE,
@@ -43,7 +44,7 @@ __all__ = [
 
 # A client-side bound on what we read into memory; the server applies its own (256 MiB by default, HTTP 413).
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
-_TASK_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE)
+_TASK_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TEMPLATE_FILE, COMPOSITE_FILE)
 
 UploadSource = str | os.PathLike[str] | Mapping[str, bytes] | Any  # Any: a peft.PeftModel (peft is not imported)
 
@@ -124,6 +125,9 @@ def _checked(build, where: str | None = None):
 
 def _from_files(files: dict[str, bytes], max_bytes: int) -> PreparedUpload:
     contents = read_upload(files, max_bytes=max_bytes)
+    if COMPOSITE_FILE in contents:
+        _, summary = inspect_composite(contents)
+        return PreparedUpload(kind=COMPOSITE_KIND, parameters=summary.parameters, bytes=summary.bytes, files=contents)
     if CONFIG_FILE not in contents:
         return _from_template_file(contents[TEMPLATE_FILE])
     summary = inspect_peft(contents)
@@ -132,6 +136,11 @@ def _from_files(files: dict[str, bytes], max_bytes: int) -> PreparedUpload:
 
 def _from_archive(name: str, data: bytes, max_bytes: int) -> PreparedUpload:
     contents = read_upload(archive=data, max_bytes=max_bytes)
+    if COMPOSITE_FILE in contents:
+        _, summary = inspect_composite(contents)
+        return PreparedUpload(
+            kind=COMPOSITE_KIND, parameters=summary.parameters, bytes=summary.bytes, archive=(name, data)
+        )
     if CONFIG_FILE not in contents:
         summary = _from_template_file(contents[TEMPLATE_FILE])
         return PreparedUpload(kind=summary.kind, parameters=0, bytes=0, archive=(name, data))
@@ -156,8 +165,12 @@ def _from_template_file(data: bytes) -> PreparedUpload:
 
 
 def _read_directory(path: Path, max_bytes: int) -> dict[str, bytes]:
-    """The task files at the top of a save_pretrained directory (README.md and the like are not read)."""
+    """The task files at the top of a save_pretrained directory (README.md and the like are not read); for a
+    composite task (`task.json`), those of each component's folder too, as `<folder>/<file>`."""
     files = {}
+    if (path / COMPOSITE_FILE).is_file():
+        for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+            files |= {f"{folder.name}/{name}": data for name, data in _read_directory(folder, max_bytes).items()}
     for name in _TASK_FILES:
         file = path / name
         if file.is_file():

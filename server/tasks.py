@@ -26,7 +26,15 @@ from adapters_store import (
     VersionNotFound,
 )
 from adapters_store.base import BASE_TASK, MAX_PAGE, content_sha256, validate_task_id
-from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_KIND, inspect_peft, parse_template
+from adapters_store.composite import inspect_composite
+from adapters_store.format import (
+    COMPOSITE_FILE,
+    CONFIG_FILE,
+    TEMPLATE_FILE,
+    TEMPLATE_KIND,
+    inspect_peft,
+    parse_template,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +162,10 @@ class TaskService:
             raise ModelLoading("the model is still loading; uploads are checked against it, retry shortly")
         if (current := self._identical_current(task_id, files, description, cache.fingerprint)) is not None:
             return current, False
-        if CONFIG_FILE in files:
+        if COMPOSITE_FILE in files:
+            _, summary = inspect_composite(files)  # each component checked like a single upload
+            kind, parameters, config = summary.kind, summary.parameters, None
+        elif CONFIG_FILE in files:
             summary = inspect_peft(files)  # the config is parsed here, once
             kind, parameters, config = summary.kind, summary.parameters, summary.config
         else:

@@ -18,6 +18,7 @@ See docs/adapters.md for how PEFT saves and applies each adapter kind.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pathlib
 import warnings
@@ -49,6 +50,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 __all__ = [
     "ALL_SERVED_KINDS",
+    "COMPOSITES",
     "REFUSED_KINDS",
     "BIAS_KINDS",
     "PROMPT_LEARNING_KINDS",
@@ -58,6 +60,7 @@ __all__ = [
     "random_biases",
     "adapter_config",
     "make_adapter",
+    "make_composite",
     "load_reference",
     "peft_greedy",
     "peft_greedy_many",
@@ -89,6 +92,13 @@ ALL_SERVED_KINDS: tuple[str, ...] = (
     "vera_wide",
     "llama_adapter",
 )
+# composite tasks (llama): name -> its parts (component name, kind, scale), in the stated order
+COMPOSITES: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "composite_mam": (("prefix", "prefix", 1.0), ("lora", "lora_ffn", 1.0)),  # prefix at attention, LoRA on FFN
+    "composite_prompt_lora_ia3": (("prompt", "prompt", 1.0), ("lora", "lora_all", 0.5), ("ia3", "ia3", 1.0)),
+    "composite_adapter_lora": (("adapter", "llama_adapter", 1.0), ("lora", "lora_ffn", 1.0)),
+    "composite_dora_vera": (("dora", "dora", 1.0), ("vera", "vera", 1.0)),  # one layer, two kinds stacked
+}
 # kinds that only differ from plain LoRA where the backbone's linear layers have biases (GPT-2, Qwen2)
 BIAS_KINDS: tuple[str, ...] = ("lora_bias_only", "lora_bias_all", "dora_bias")
 REFUSED_KINDS: tuple[str, ...] = ("modules_to_save",)
@@ -218,6 +228,9 @@ def adapter_config(model, kind: str):
     qv_targets = ["c_attn"] if gpt2 else ["q_proj", "v_proj"]
     if kind == "lora_qv":
         return LoraConfig(r=4, lora_alpha=8, target_modules=qv_targets, lora_dropout=0.1, **ffo, **causal)
+    if kind == "lora_ffn":  # the feed-forward layers only (the LoRA half of a prefix + LoRA composite)
+        targets = ["mlp.c_fc", "mlp.c_proj"] if gpt2 else ["gate_proj", "up_proj", "down_proj"]
+        return LoraConfig(r=8, lora_alpha=16, target_modules=targets, **ffo, **causal)
     if kind == "lora_all":
         return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **ffo, **causal)
     if kind == "lora_rslora":
@@ -348,6 +361,45 @@ def make_adapter(model, kind: str, out_dir, seed: int = 0, config=None) -> pathl
     return out_dir
 
 
+def make_composite(model, parts: Sequence[tuple] | str, out_dir, seed: int = 0) -> pathlib.Path:
+    """A composite task's upload directory: ``task.json`` and one ``make_adapter`` folder per part.
+
+    ``parts``: ``(name, kind, scale)`` or ``(name, kind, scale, config)``, in the stated order, or a name in
+    ``COMPOSITES``.
+    """
+    parts = COMPOSITES[parts] if isinstance(parts, str) else parts
+    out_dir = pathlib.Path(out_dir)
+    entries: list[object] = []
+    for i, (name, kind, scale, *config) in enumerate(parts):
+        make_adapter(model, kind, out_dir / name, seed=seed + i, config=config[0] if config else None)
+        entries.append(name if scale == 1 else {"name": name, "scale": scale})
+    (out_dir / "task.json").write_text(json.dumps({"components": entries}))
+    return out_dir
+
+
+_PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT"}
+
+
+def _composite_reference(model, adapter_dir: pathlib.Path) -> torch.nn.Module:
+    """PEFT's composition: each per-layer component merged into the model in order (its scale applied to the
+    LoRA scaling first), then the prompt-learning component, if any, wrapped around the merged model."""
+    merged, prompt_dir = copy.deepcopy(model), None
+    for entry in json.loads((adapter_dir / "task.json").read_text())["components"]:
+        name, scale = (entry, 1.0) if isinstance(entry, str) else (entry["name"], entry.get("scale", 1.0))
+        folder = adapter_dir / name
+        if json.loads((folder / "adapter_config.json").read_text())["peft_type"] in _PROMPT_LEARNING_TYPES:
+            prompt_dir = folder
+            continue
+        wrapped = PeftModel.from_pretrained(merged, str(folder))
+        if scale != 1.0:
+            scaled = [m for m in wrapped.modules() if hasattr(m, "scale_layer")]
+            assert scaled, f"component {name}: the reference scales LoRA-like layers only"
+            for module in scaled:
+                module.scale_layer(scale)
+        merged = wrapped.merge_and_unload()
+    return merged if prompt_dir is None else PeftModel.from_pretrained(merged, str(prompt_dir))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference greedy decoding
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +436,8 @@ def load_reference(model, adapter_dir=None) -> torch.nn.Module:
         return hit[1]
     if adapter_dir is None:
         ref = model
+    elif (pathlib.Path(adapter_dir) / "task.json").is_file():
+        ref = _composite_reference(model, pathlib.Path(adapter_dir))
     else:
         ref = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir))
     ref.eval()

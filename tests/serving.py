@@ -30,8 +30,13 @@ def tasks_of(residency: Residency) -> TaskService:
 
 
 def peft_files(path: str | Path) -> dict[str, bytes]:
-    """The files of a PEFT `save_pretrained` directory, as an upload carries them."""
+    """The files of a PEFT `save_pretrained` directory, as an upload carries them; for a composite task's
+    directory (`task.json`), the manifest and each component's files, named as the store keeps them."""
     path = Path(path)
+    if (path / "task.json").is_file():
+        folders = [p for p in sorted(path.iterdir()) if p.is_dir()]
+        files = {f"{d.name}.{name}": data for d in folders for name, data in peft_files(d).items()}
+        return {"task.json": (path / "task.json").read_bytes(), **files}
     return {name: (path / name).read_bytes() for name in PEFT_FILES if (path / name).is_file()}
 
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import AdapterKey
-from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE
+from adapters_store.format import COMPOSITE_FILE, CONFIG_FILE, TEMPLATE_FILE
 from server.api.auth import Access, AuthorizedRoute, InferenceAccess, caller_scope
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TasksDep
 from server.api.stats import INSTANCE
@@ -158,8 +158,14 @@ async def session(
 
 @api.get("/tasks/{task_id:path}/versions/{version}/config")
 async def version_config(task_id: str, version: Annotated[int, PathParam(ge=1)], tasks: TasksDep) -> dict:
-    """The version's adapter_config.json or template.json, as stored."""
+    """The version's adapter_config.json or template.json, as stored; a composite's task.json and each component's
+    adapter_config.json, by component."""
     artifact = await run_in_threadpool(tasks.files, AdapterKey(task_id, version))
+    files = artifact.files
+    if COMPOSITE_FILE in files:
+        configs = {n.partition(".")[0]: json.loads(data) for n, data in files.items() if n.endswith(CONFIG_FILE)}
+        content = {COMPOSITE_FILE: json.loads(files[COMPOSITE_FILE]), **configs}
+        return {"task_id": task_id, "version": version, "file": COMPOSITE_FILE, "content": content}
     name = TEMPLATE_FILE if TEMPLATE_FILE in artifact.files else CONFIG_FILE
     return {"task_id": task_id, "version": version, "file": name, "content": json.loads(artifact.files[name])}
 

@@ -63,6 +63,7 @@ async def generate(
         metrics=metrics,
         admission=admission,
         caller=caller,
+        adapter_scale=body.adapter_scale,
     )
     tokenizer = engine.backbone.tokenizer
     if body.stream:

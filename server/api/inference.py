@@ -62,6 +62,7 @@ async def start_choices(
     metrics: Metrics | None = None,
     admission: Admission | None = None,
     caller: Caller | None = None,
+    adapter_scale: float = 1.0,
 ) -> list[AsyncIterator[TokenDelta]]:
     """Admit, lease the task, tokenise, submit; overload, bad input and a full queue raise here, before any byte
     is sent. Tokenising runs on a worker thread: a long prompt never holds up the event loop. Returns one stream
@@ -103,7 +104,8 @@ async def start_choices(
                 sampling = sampling_params(
                     **{**asdict(sampling), "max_new_tokens": max(1, min(room, sampling.max_new_tokens))}
                 )
-            streams = engine.generate_choices(GenerationRequest(ids, sampling, task_id=task_id, version=version), lease)
+            request = GenerationRequest(ids, sampling, task_id=task_id, version=version, adapter_scale=adapter_scale)
+            streams = engine.generate_choices(request, lease)
         except BaseException:
             lease.release()
             raise

@@ -130,7 +130,14 @@ async def _start(
         task_id = task_for(engine, body.model)
         for inputs in prompts:
             streams += await start_choices(
-                engine, task_id, sampling, metrics=metrics, admission=admission, caller=caller, **inputs
+                engine,
+                task_id,
+                sampling,
+                metrics=metrics,
+                admission=admission,
+                caller=caller,
+                adapter_scale=body.adapter_scale,
+                **inputs,
             )
     except BaseException as exc:
         await close_all(streams)

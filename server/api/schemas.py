@@ -51,6 +51,14 @@ class SamplingControls(BaseModel):
     )
     include_stop_str_in_output: bool = Field(default=False, description="keep the stop string or token in the text")
     skip_special_tokens: bool = Field(default=True, description="leave special tokens out of the text")
+    adapter_scale: float = Field(
+        default=1.0,
+        ge=0,
+        le=2,
+        allow_inf_nan=False,
+        description="extension: weights the task's per-layer delta (LoRA family, IA³) for this request; "
+        "0 = the backbone, 1 = as trained; a task with no per-layer weights takes only 1",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -164,10 +172,17 @@ class StreamEnd(BaseModel):
     usage: Usage
 
 
+class ComponentPublic(BaseModel):
+    name: str = Field(description="its folder in the upload")
+    kind: str = Field(description="lora, prefix_tuning, ia3, ...")
+    scale: float = Field(description="the weight on its per-layer delta")
+
+
 class VersionPublic(BaseModel):
     task_id: str
     version: int
     kind: str
+    components: list[ComponentPublic] | None = Field(default=None, description="a composite's components, in order")
     parameters: int
     bytes: int
     sha256: str
@@ -179,6 +194,7 @@ class TaskPublic(BaseModel):
     task_id: str
     version: int = Field(description="the current version")
     kind: str
+    components: list[ComponentPublic] | None = Field(default=None, description="a composite's components, in order")
     parameters: int
     bytes: int
     resident: bool = Field(description="the current version is loaded on the device")

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store import TaskNotFound, VersionInfo
+from adapters_store.composite import COMPOSITE_KIND, parse_components
 from adapters_store.format import TEMPLATE_FILE, read_upload
 from server.api.auth import AdminAccess, AuthorizedRoute, CallerDep, InferenceAccess
 from server.api.deps import SettingsDep, TasksDep
 from server.api.errors import Forbidden, PayloadTooLarge
 from server.api.fields import Text
 from server.api.limits import uploads
-from server.api.schemas import ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
+from server.api.schemas import ComponentPublic, ErrorBody, Rollback, TaskList, TaskPublic, TemplateUpload, VersionPublic
 from server.engine.request import InvalidRequest
 from server.tenants import Caller
 
@@ -27,11 +29,19 @@ ADMIN_ERRORS = {**ERRORS, 403: {"model": ErrorBody}}
 UNCHANGED = {"model": VersionPublic, "description": "the upload is identical to the current version: nothing stored"}
 
 
+def _kind(stored: str) -> dict:
+    """`kind` and, for a composite, its `components` (the store records them in the kind)."""
+    components = parse_components(stored)
+    if components is None:
+        return {"kind": stored}
+    return {"kind": COMPOSITE_KIND, "components": [ComponentPublic(**asdict(c)) for c in components]}
+
+
 def _version(info: VersionInfo) -> VersionPublic:
     return VersionPublic(
         task_id=info.task_id,
         version=info.version,
-        kind=info.kind,
+        **_kind(info.kind),
         parameters=info.parameters,
         bytes=info.bytes,
         sha256=info.sha256,
@@ -118,7 +128,7 @@ async def task_info(task_id: str, tasks: TasksDep, caller: CallerDep):
     return TaskPublic(
         task_id=task_id,
         version=current.version,
-        kind=current.kind,
+        **_kind(current.kind),
         parameters=current.parameters,
         bytes=current.bytes,
         resident=tasks.is_resident(current.key),

@@ -149,7 +149,7 @@ class Batch:
                     score_index += range(start + lo - first, start + hi - first)
                     score_targets += row.prompt_ids[lo + 1 - row.soft_len : hi + 1 - row.soft_len]
         slot_mapping = torch.cat(slot_parts)
-        spans = [(r.adapter, n) for r, n in rows]
+        spans = [(r.adapter, n, r.adapter_scale) for r, n in rows]
         self._adapters = AdapterStep.build(spans, self.adapter_pool, self.lora_backend, previous=self._adapters)
         return StepInputs(
             rows=tuple(rows),

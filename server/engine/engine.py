@@ -31,6 +31,7 @@ from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVPool
 from server.engine.request import (
     BASE_TASK,
+    MAX_ADAPTER_SCALE,
     EngineStopped,
     GenerationRequest,
     InvalidRequest,
@@ -305,6 +306,7 @@ class Engine:
             )
         if sampling.stop and self.backbone.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer, and this backbone has none", param="stop")
+        _check_adapter_scale(row)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -435,6 +437,20 @@ class Engine:
         except Exception:  # one reader's fault is its own: the row ends, the batch goes on
             log.exception("a sink failed; cancelling its row")
             row.cancel()
+
+
+def _check_adapter_scale(row: Generation) -> None:
+    """adapter_scale weights per-layer weights (LoRA family, IA³); a task without any has nothing it could scale."""
+    scale, adapter = row.adapter_scale, row.adapter
+    if not (isinstance(scale, int | float) and 0 <= scale <= MAX_ADAPTER_SCALE):
+        raise InvalidRequest(f"adapter_scale={scale!r} is outside [0, {MAX_ADAPTER_SCALE:g}]", param="adapter_scale")
+    if scale != 1.0 and (adapter is None or not adapter.layer_weights):
+        what = "the backbone" if adapter is None else f"a {adapter.kind} task"
+        raise InvalidRequest(
+            f"adapter_scale={scale:g}: {what} has no per-layer adapter weights (LoRA family, IA³) to scale; "
+            "omit adapter_scale or send 1",
+            param="adapter_scale",
+        )
 
 
 def _choice(request: GenerationRequest, i: int) -> GenerationRequest:

@@ -60,6 +60,7 @@ class Generation:
         self.adapter: LoadedAdapter | None = lease.adapter
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
+        self.adapter_scale = request.adapter_scale  # per-row data in each step (`AdapterStep.build`)
         self.sink = sink
         self.generator = make_generator(request.sampling, device)
         eos = frozenset() if request.sampling.ignore_eos else eos_ids

@@ -10,6 +10,7 @@ from adapters_store import AdapterKey
 from adapters_store.base import BASE_TASK  # noqa: F401  (re-exported: the reserved id of the bare backbone)
 from server.engine.sampling import SamplingParams
 
+MAX_ADAPTER_SCALE = 2.0
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -49,6 +50,8 @@ class GenerationRequest:
     task_id: str = BASE_TASK
     version: int | None = None  # a stored version of the task; None: its current one
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # weights the task's per-layer delta (LoRA family, IA³) for this request only: 0 = the backbone, 1 = as trained
+    adapter_scale: float = 1.0
 
 
 @dataclass(frozen=True)

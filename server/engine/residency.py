@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from adapters_store import AdapterKey, AdapterStore
-from adapters_store.format import CONFIG_FILE, TEMPLATE_FILE, WEIGHTS_FILE
+from adapters_store.format import COMPOSITE_FILE, CONFIG_FILE, TEMPLATE_FILE, WEIGHTS_FILE
 from adapters_store.memory import MemoryStore
 from server.engine.adapters import AdapterError, LoadedAdapter, Placement, load_adapter, load_peft_files
+from server.engine.adapters.composite import load_composite
 from server.engine.adapters.pool import AdapterPool
 from server.engine.adapters.template import load_template, with_prompt_format
 from server.engine.backbone import Backbone
@@ -207,10 +208,13 @@ class Residency:
     def _materialise(
         self, key: AdapterKey, files: Mapping[str, bytes], placement: Placement, config: Mapping[str, Any] | None = None
     ) -> LoadedAdapter:
-        if CONFIG_FILE not in files:
+        if COMPOSITE_FILE in files:
+            adapter = load_composite(key, files, self._backbone.geometry, placement)
+        elif CONFIG_FILE not in files:
             return load_template(key, files[TEMPLATE_FILE], self._backbone.tokenizer)
-        parsed, tensors = load_peft_files(files[CONFIG_FILE], files[WEIGHTS_FILE], config=config)
-        adapter = load_adapter(key, parsed, tensors, self._backbone.geometry, placement)
+        else:
+            parsed, tensors = load_peft_files(files[CONFIG_FILE], files[WEIGHTS_FILE], config=config)
+            adapter = load_adapter(key, parsed, tensors, self._backbone.geometry, placement)
         if TEMPLATE_FILE in files:  # the text the adapter was trained to see around each input
             adapter = with_prompt_format(adapter, files[TEMPLATE_FILE])
         return adapter

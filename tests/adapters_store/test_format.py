@@ -385,6 +385,75 @@ def test_bad_templates_are_refused(data: bytes, error: type[Exception], message:
         parse_template(data)
 
 
+# --- composite tasks -------------------------------------------------------------------------------------------
+
+
+def _composite(adapters: dict[str, Path], manifest: object, folders: dict[str, str]) -> dict[str, bytes]:
+    """task.json and, per folder name, the files of one of `adapters` under `<folder>/` (README.md included)."""
+    files = {"mix/task.json": json.dumps(manifest).encode()}
+    for folder, kind in folders.items():
+        files |= {f"mix/{folder}/{p.name}": p.read_bytes() for p in adapters[kind].iterdir()}
+    return files
+
+
+def test_a_composite_upload_is_stored_flat_and_reads_back_the_same(adapters):
+    from adapters_store.composite import component_files, inspect_composite
+
+    files = _composite(
+        adapters, {"components": ["prefix", {"name": "lora", "scale": 0.5}]}, {"prefix": "prefix", "lora": "lora_qv"}
+    )
+    flat = read_upload(files, max_bytes=MB)
+    assert sorted(flat) == [
+        "lora.adapter_config.json",
+        "lora.adapter_model.safetensors",
+        "prefix.adapter_config.json",
+        "prefix.adapter_model.safetensors",
+        "task.json",
+    ]
+    assert read_upload(flat, max_bytes=MB) == flat  # the stored form is an upload too
+    assert read_upload(archive=_tar_gz(*files.items()), max_bytes=MB) == flat
+    components, summary = inspect_composite(flat)
+    assert [(c.name, c.kind, c.scale) for c in components] == [("prefix", "prefix_tuning", 1.0), ("lora", "lora", 0.5)]
+    assert summary.kind == "composite:prefix=prefix_tuning,lora=lora*0.5"
+    assert summary.parameters == sum(inspect_peft(component_files(flat, n)).parameters for n in ("prefix", "lora"))
+
+
+@pytest.mark.parametrize(
+    ("manifest", "folders", "fragment"),
+    [
+        (
+            {"components": ["prefix", "lora"]},
+            {"prefix": "prefix"},
+            "component 'lora': the upload lacks lora/adapter_config.json",
+        ),
+        ({"components": ["prefix"]}, {"prefix": "prefix", "lora": "lora_qv"}, "names no component 'lora'"),
+        ({"components": []}, {}, "1 to 8"),
+        ({"components": ["a.b"]}, {}, "component name 'a.b'"),
+        ({"components": [{"name": "lora", "scale": "x"}]}, {"lora": "lora_qv"}, "scale must be a number"),
+        ({"parts": ["lora"]}, {"lora": "lora_qv"}, '{"components": [...]}'),
+    ],
+)
+def test_a_malformed_composite_is_refused_naming_what_is_wrong(adapters, manifest, folders, fragment):
+    with pytest.raises(FormatError) as refused:
+        read_upload(_composite(adapters, manifest, folders), max_bytes=MB)
+    assert fragment in str(refused.value)
+
+
+def test_a_composite_component_is_checked_like_a_single_upload(adapters):
+    from adapters_store.composite import inspect_composite
+
+    files = read_upload(
+        _composite(adapters, {"components": ["prompt", "prefix"]}, {"prompt": "prompt", "prefix": "prefix"}),
+        max_bytes=MB,
+    )
+    with pytest.raises(FormatError, match="at most one"):
+        inspect_composite(files)
+    broken = {**read_upload(_composite(adapters, {"components": ["lora"]}, {"lora": "lora_qv"}), max_bytes=MB)}
+    broken["lora.adapter_config.json"] = b'{"peft_type": "OFT"}'
+    with pytest.raises(FormatError, match="component 'lora': peft_type 'OFT' is not served"):
+        inspect_composite(broken)
+
+
 def test_the_store_and_its_kinds_table_never_import_torch_or_the_server() -> None:
     """The clients read the same table of kinds and the same checks as the server, without torch."""
     import subprocess

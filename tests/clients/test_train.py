@@ -3,6 +3,7 @@ is tokenised as the server will see it, and one end-to-end run on the default mo
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from client_helpers import assert_error
+from peft_reference import peft_greedy
+from serving import serve
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from adapters_store.format import inspect_peft, parse_prompt_format, read_upload
@@ -18,8 +21,13 @@ from clients import Client
 from clients.cli_train import METHOD_NAMES
 from clients.train import METHODS, TrainOptions, greedy_continuation, train
 from clients.train_data import IGNORE, PROMPT_FORMAT, DataError, Record, encode, init_words, read_records
+from server.config import EngineSettings
 from server.engine.adapters import LoadedAdapter
 from server.engine.adapters.template import render_ids
+from server.engine.backbone import Backbone
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_INPUT = "name[The Eagle] eatType[coffee shop] food[Chinese] area[riverside]"
@@ -79,7 +87,7 @@ def test_methods_match_the_cli():
     assert tuple(METHODS) == METHOD_NAMES
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if "+" not in m])
 def test_each_method_saves_a_servable_adapter(method: str, tiny_model: Path, examples: Path, tmp_path: Path):
     data = examples / ("sentiment" if method in ("lora", "ia3") else "e2e") / "train.jsonl"
     options = TrainOptions(method=method, data=data, out=tmp_path / "out", model=tiny_model, steps=2, batch_size=4)
@@ -98,6 +106,37 @@ def test_each_method_saves_a_servable_adapter(method: str, tiny_model: Path, exa
         assert "positive" not in config["prompt_tuning_init_text"] and "price" in config["prompt_tuning_init_text"]
     if method == "lora":
         assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
+
+
+def test_prefix_plus_lora_trains_two_stages_into_a_composite_the_server_serves_exactly(
+    tiny_model: Path, examples: Path, tmp_path: Path
+):
+    """LoRA on the FFN, then the prefix on the LoRA-merged model; served like PEFT's prefix on that merged model."""
+    out = tmp_path / "mam"
+    data = examples / "e2e" / "train.jsonl"
+    options = TrainOptions(method="prefix+lora", data=data, out=out, model=tiny_model, steps=2, batch_size=4)
+    steps: list[int] = []
+    trained = train(options, on_step=lambda step, total, loss: steps.append((step, total)))
+    assert trained.upload.kind == "composite" and trained.steps == 4 and steps[-1] == (4, 4)
+    assert json.loads((out / "task.json").read_text()) == {"components": ["prefix", "lora"]}
+    lora = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert sorted(lora["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
+    assert json.loads((out / "prefix" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    # what the CLI uploads, served by an in-process engine, against PEFT's prefix on the LoRA-merged model
+    model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    engine = Engine(Backbone(copy.deepcopy(model), None, name="tiny"), EngineSettings())
+    served = serve(engine.residency, "mam", trained.upload.files)
+    assert (
+        served.prefix_len == 10
+        and served.slots is not None
+        and set(served.slots.lora) == {f"model.layers.{{}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for text in (E2E_INPUT, "name[Blue Spice] food[French]"):
+        ids = tokenizer.encode(text + "\n")
+        row = engine.submit(GenerationRequest(tuple(ids), SamplingParams(max_new_tokens=8), "mam"), lambda d: None)
+        engine.run_until_idle()
+        assert row.output_ids == peft_greedy(model, out, ids, 8)
 
 
 def test_the_same_seed_trains_the_same_adapter(tiny_model: Path, examples: Path, tmp_path: Path):

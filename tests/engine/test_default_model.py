@@ -1,11 +1,11 @@
-"""On the real default model (SmolLM2-135M-Instruct): every kind against PEFT, mixed."""
+"""On the real default model (SmolLM2-135M-Instruct): every kind and a composite task against PEFT, mixed."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from peft_reference import make_adapter, peft_greedy
+from peft_reference import COMPOSITES, make_adapter, make_composite, peft_greedy
 from serving import serve
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +20,10 @@ KINDS = (
     *("lora_qv", "lora_rslora", "prefix", "prompt", "ia3"),
     *("dora", "lora_bias", "adalora", "loha", "lokr"),
 )
+# on one question only (the haiku: open enough for each to change the answer), to keep the test's time:
+# each PEFT reference is a cache-free loop on 135M
+ONE_QUESTION = ("vera", "llama_adapter", "composite_mam")
+FEWER_TOKENS = 6  # and fewer new tokens for those
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NEW_TOKENS = 12
 
@@ -34,6 +38,9 @@ def setup(backbone, tmp_path_factory):
     reference_model = AutoModelForCausalLM.from_pretrained(default_cache_dir() / DEFAULT_MODEL).eval()
     root = tmp_path_factory.mktemp("smollm2-adapters")
     dirs = {kind: make_adapter(reference_model, kind, root / kind, seed=i) for i, kind in enumerate(KINDS)}
+    for i, kind in enumerate(ONE_QUESTION, start=len(KINDS)):
+        make = make_composite if kind in COMPOSITES else make_adapter
+        dirs[kind] = make(reference_model, kind, root / kind, seed=i)
     prompts = [
         backbone.tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -44,6 +51,9 @@ def setup(backbone, tmp_path_factory):
         (kind, i): peft_greedy(reference_model, dirs.get(kind), list(prompt), NEW_TOKENS)
         for kind in ("base", *KINDS)
         for i, prompt in enumerate(prompts)
+    }
+    expected |= {
+        (kind, 1): peft_greedy(reference_model, dirs[kind], list(prompts[1]), FEWER_TOKENS) for kind in ONE_QUESTION
     }
     return dirs, prompts, expected
 
@@ -60,13 +70,16 @@ def test_mixed_batch_on_default_model_matches_peft(backbone, setup):
     dirs, prompts, expected = setup
     for kind in KINDS:  # the adapters really change what the model says
         assert any(expected[(kind, i)] != expected[("base", i)] for i in range(len(prompts))), kind
+    for kind in ONE_QUESTION:
+        assert expected[(kind, 1)] != expected[("base", 1)][:FEWER_TOKENS], kind
     engine = Engine(backbone, EngineSettings())
     for kind, path in dirs.items():
         serve(engine.residency, kind, path)
     generations = {}
     for i, prompt in enumerate(prompts):
-        for kind in ("base", *KINDS):
-            request = GenerationRequest(tuple(prompt), SamplingParams(max_new_tokens=NEW_TOKENS), task_id=kind)
+        for kind in ("base", *KINDS, *(ONE_QUESTION if i == 1 else ())):
+            tokens = FEWER_TOKENS if kind in ONE_QUESTION else NEW_TOKENS
+            request = GenerationRequest(tuple(prompt), SamplingParams(max_new_tokens=tokens), task_id=kind)
             generations[(kind, i)] = engine.submit(request, sink=lambda d: None)
         engine.step()  # the next prompt's rows join a running batch
     engine.run_until_idle()

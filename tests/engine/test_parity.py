@@ -6,7 +6,16 @@ import copy
 
 import pytest
 import torch
-from peft_reference import ALL_SERVED_KINDS, make_adapter, peft_greedy, random_biases, tiny_gpt2, tiny_llama
+from peft_reference import (
+    ALL_SERVED_KINDS,
+    COMPOSITES,
+    make_adapter,
+    make_composite,
+    peft_greedy,
+    random_biases,
+    tiny_gpt2,
+    tiny_llama,
+)
 from serving import serve, tasks_of
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
@@ -42,6 +51,8 @@ def _build(arch: str, tmp_path_factory) -> tuple[torch.nn.Module, dict[str, obje
     kinds = ALL_SERVED_KINDS if arch == "llama" else GPT2_KINDS
     root = tmp_path_factory.mktemp(f"adapters-{arch}")
     dirs = {kind: make_adapter(model, kind, root / kind, seed=i) for i, kind in enumerate(kinds)}
+    if arch == "llama":  # composite tasks, mixed with every single kind
+        dirs |= {name: make_composite(model, name, root / name, seed=50 + 10 * i) for i, name in enumerate(COMPOSITES)}
     return model, dirs
 
 

@@ -120,6 +120,11 @@ class LoadedAdapter:
         return bool(self.lora or self.vera or any(getattr(self, side) for side in VECTOR_SIDES))
 
     @property
+    def layer_weights(self) -> bool:
+        """Whether it has per-layer weights (LoRA family, IA³), pooled or not: what adapter_scale weights."""
+        return self.has_layer_weights or self.slots is not None
+
+    @property
     def per_step(self) -> bool:
         """Whether every forward must apply this adapter (LoRA family, IA³, LLaMA-Adapter), not only the prefill."""
         return self.has_layer_weights or self.slots is not None or bool(self.adaption)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from server.engine.adapters.base import VECTOR_SIDES, AdaptionModule, LoadedAdapter
-from server.engine.adapters.pool import AdapterPool, LoraFamily
+from server.engine.adapters.pool import NEUTRAL, AdapterPool, LoraFamily
 
 LoraBackendName = Literal["auto", "gathered", "segmented", "loop"]
 
@@ -52,17 +52,19 @@ class Gathered:
     scaling: torch.Tensor  # [layers, n, 1]
 
     @classmethod
-    def of(cls, family: LoraFamily, slots: tuple[int, ...], previous: Gathered | None) -> Gathered:
-        key = (family.generation, slots)
+    def of(
+        cls, family: LoraFamily, slots: tuple[int, ...], previous: Gathered | None, weights: tuple[float, ...] = ()
+    ) -> Gathered:
+        """`weights`: each token's adapter_scale, folded into its scaling (all 1 when empty)."""
+        weights = weights if any(w != 1.0 for w in weights) else ()
+        key = (family.generation, slots, weights)
         if previous is not None and previous.key == key:
             return previous
         index = torch.tensor(slots, device=family.a.device)
-        return cls(
-            key=key,
-            a=family.a.index_select(1, index),
-            b=family.b.index_select(1, index),
-            scaling=family.scaling.index_select(1, index)[:, :, None],
-        )
+        scaling = family.scaling.index_select(1, index)[:, :, None]
+        if weights:
+            scaling = scaling * torch.tensor(weights, device=scaling.device)[None, :, None]
+        return cls(key=key, a=family.a.index_select(1, index), b=family.b.index_select(1, index), scaling=scaling)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class LoraStep:
     reference: bool  # runs go through the per-row reference loop
     gathered: Gathered | None  # the short runs' tokens, gathered
     tokens: torch.Tensor | None  # [n] long: packed indices of the gathered tokens; None: all tokens, in order
+    weights: tuple[float, ...] | None = None  # each run's adapter_scale; None: all 1
 
 
 @dataclass(frozen=True)
@@ -100,19 +103,20 @@ class AdapterStep:
     @classmethod
     def build(
         cls,
-        spans: Sequence[tuple[LoadedAdapter | None, int]],
+        spans: Sequence[tuple[LoadedAdapter | None, int] | tuple[LoadedAdapter | None, int, float]],
         pool: AdapterPool,
         backend: LoraBackendName = "auto",
         previous: AdapterStep | None = None,
     ) -> AdapterStep | None:
-        """spans: each row's adapter and token count, in packed order; `previous` lends its gathered weights.
+        """spans: each row's adapter, token count and optionally its adapter_scale (default 1), in packed order;
+        `previous` lends its gathered weights.
 
-        None when no row needs a per-step adapter.
+        None when no row needs a per-step adapter. A row's scale weights its per-layer delta (`weighted`).
         """
         placed, adaption, start = [], [], 0
-        for adapter, n in spans:
+        for adapter, n, *scale in spans:
             if adapter is not None and adapter.slots is not None:
-                placed.append((adapter.slots, start, n))
+                placed.append((adapter.slots, start, n, scale[0] if scale else 1.0))
             if adapter is not None and adapter.adaption:
                 adaption.append((start, start + n, adapter.adaption))
             start += n
@@ -120,59 +124,83 @@ class AdapterStep:
             return None
         # A decoding batch repeats its last step's layout: reuse that step whole (the slots objects are the pool's,
         # replaced only by an install or a release, which bump the generation).
-        key = (pool.generation, backend, start, tuple((id(slots), s, n) for slots, s, n in placed))
+        key = (pool.generation, backend, start, tuple((id(slots), s, n, w) for slots, s, n, w in placed))
         key += (tuple((id(prompts), s, e) for s, e, prompts in adaption),)
         if previous is not None and previous.key == key:
             return previous
         total, device = start, pool.device
+        weights = None  # [tokens]: each token's adapter_scale, when some row's is not 1
+        if any(w != 1.0 for *_, w in placed):
+            per_token = [1.0] * total
+            for _, s, n, w in placed:
+                per_token[s : s + n] = [w] * n
+            weights = torch.tensor(per_token, device=device)
         lora = {}
-        for family in sorted({f for slots, _, _ in placed for f in slots.lora}):
-            rows = [(slots.lora[family], s, n) for slots, s, n in placed if family in slots.lora]
+        for family in sorted({f for slots, *_ in placed for f in slots.lora}):
+            rows = [(slots.lora[family], s, n, w) for slots, s, n, w in placed if family in slots.lora]
             before = previous.lora.get(family) if previous is not None else None
             lora[family] = _lora_step(pool.lora[family], rows, total, device, backend, before)
         vectors: dict[str, dict[str, torch.Tensor]] = {}
         for side in VECTOR_SIDES:
             per_token = {}
-            for family in sorted({f for slots, _, _ in placed for f in getattr(slots, side)}):
+            for family in sorted({f for slots, *_ in placed for f in getattr(slots, side)}):
                 token_slots = [0] * total
-                for slots, s, n in placed:
+                for slots, s, n, _ in placed:
                     if family in getattr(slots, side):
                         token_slots[s : s + n] = [getattr(slots, side)[family]] * n
                 table = pool.vectors[side][family].vectors
-                per_token[family] = table.index_select(1, torch.tensor(token_slots, device=device))
+                per_token[family] = weighted(
+                    table.index_select(1, torch.tensor(token_slots, device=device)), weights, NEUTRAL[side]
+                )
             vectors[side] = per_token
-        vera = _vera_runs(placed, pool, device)
+        vera = _vera_runs(placed, pool, device, weights)
         return cls(lora=lora, vectors=vectors, vera=vera, adaption=tuple(adaption), key=key)
 
 
-def _vera_runs(placed, pool: AdapterPool, device: torch.device) -> dict[str, tuple[VeraRun, ...]]:
+def weighted(vectors: torch.Tensor, weights: torch.Tensor | None, neutral: float) -> torch.Tensor:
+    """Per-token vectors [layers, tokens, width] moved toward `neutral` by each token's adapter_scale s:
+    `s·v + (1 − s)·neutral` (a scale 1 + s·(v − 1), a shift s·v), which is exactly v at s = 1 and `neutral` at 0."""
+    if weights is None:
+        return vectors
+    w = weights[None, :, None]
+    return vectors * w + neutral * (1 - w)
+
+
+def _vera_runs(placed, pool: AdapterPool, device: torch.device, weights) -> dict[str, tuple[VeraRun, ...]]:
     groups: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # family -> basis -> (tokens, their slots)
-    for slots, start, n in placed:
+    for slots, start, n, _ in placed:
         for family, (key, slot) in slots.vera.items():
             tokens, token_slots = groups.setdefault(family, {}).setdefault(key, ([], []))
             tokens += range(start, start + n)
             token_slots += [slot] * n
     runs = {}
     for family, by_basis in groups.items():
-        runs[family] = tuple(
-            VeraRun(
-                a=pool.vera_bases[key].a,
-                b=pool.vera_bases[key].b,
-                tokens=torch.tensor(tokens, device=device),
-                vectors=pool.vera[(family, key)].vectors.index_select(1, torch.tensor(token_slots, device=device)),
+        family_runs = []
+        for key, (tokens, token_slots) in sorted(by_basis.items()):
+            index = torch.tensor(tokens, device=device)
+            vectors = pool.vera[(family, key)].vectors.index_select(1, torch.tensor(token_slots, device=device))
+            if weights is not None:  # lambda_b times the row's adapter_scale
+                rank = pool.vera_bases[key].a.shape[0]
+                vectors[:, :, rank:] *= weights.index_select(0, index)[None, :, None]
+            family_runs.append(
+                VeraRun(a=pool.vera_bases[key].a, b=pool.vera_bases[key].b, tokens=index, vectors=vectors)
             )
-            for key, (tokens, token_slots) in sorted(by_basis.items())
-        )
+        runs[family] = tuple(family_runs)
     return runs
 
 
 def _lora_step(family, rows, total, device, backend: LoraBackendName, before: LoraStep | None) -> LoraStep:
     segments: list[Segment] = []
-    for slot, start, n in rows:
-        if backend != "loop" and segments and segments[-1][2] == slot and segments[-1][1] == start:
+    weights: list[float] = []  # each segment's adapter_scale
+    for slot, start, n, w in rows:
+        if w == 0.0:
+            continue  # scale 0: the row gets the backbone's output, exactly
+        if backend != "loop" and segments and segments[-1][2] == slot and segments[-1][1] == start and weights[-1] == w:
             segments[-1] = (segments[-1][0], start + n, slot)  # rows of one adapter side by side: one run
         else:
             segments.append((start, start + n, slot))
+            weights.append(w)
+    scale_of = dict(zip(segments, weights))
     if backend in ("segmented", "loop"):
         runs, short = segments, []
     elif backend == "gathered":
@@ -184,11 +212,15 @@ def _lora_step(family, rows, total, device, backend: LoraBackendName, before: Lo
     gathered, tokens = None, None
     if short:
         slots = tuple(slot for start, end, slot in short for _ in range(start, end))
-        gathered = Gathered.of(family, slots, before.gathered if before is not None else None)
+        token_weights = tuple(scale_of[s] for s in short for _ in range(s[0], s[1]))
+        gathered = Gathered.of(family, slots, before.gathered if before is not None else None, token_weights)
         every = len(slots) == total  # then the short runs cover every token, in order
         if not every:
             tokens = torch.tensor([t for start, end, _ in short for t in range(start, end)], device=device)
-    return LoraStep(runs=tuple(runs), reference=backend == "loop", gathered=gathered, tokens=tokens)
+    run_weights = tuple(scale_of[s] for s in runs) if any(w != 1.0 for w in weights) else None
+    return LoraStep(
+        runs=tuple(runs), reference=backend == "loop", gathered=gathered, tokens=tokens, weights=run_weights
+    )
 
 
 # --- LoRA arithmetic --------------------------------------------------------------------------------
@@ -209,20 +241,22 @@ def lora_gathered(x: torch.Tensor, out: torch.Tensor, layer: int, step: LoraStep
 def lora_segmented(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
     """Each run as two matmuls on the pool's own weights, at the adapter's own rank."""
     views, scalings = family.views[layer], family.host_scaling[layer]
-    for start, end, slot in step.runs:
+    for i, (start, end, slot) in enumerate(step.runs):
         if views[slot] is not None:
             a_t, b_t = views[slot]  # [in, rank], [rank, out]
-            out[start:end].addmm_(x[start:end] @ a_t, b_t, alpha=scalings[slot])
+            alpha = scalings[slot] if step.weights is None else scalings[slot] * step.weights[i]
+            out[start:end].addmm_(x[start:end] @ a_t, b_t, alpha=alpha)
 
 
 def lora_loop(x: torch.Tensor, out: torch.Tensor, family: LoraFamily, layer: int, step: LoraStep) -> None:
     """The reference: PEFT's `lora_B(lora_A(x)) * scaling`, one row at a time."""
-    for start, end, slot in step.runs:
+    for i, (start, end, slot) in enumerate(step.runs):
         rank = family.host_rank[layer][slot]
         if rank:
             a, b = family.a[layer, slot, :rank], family.b[layer, slot, :, :rank]
             delta = nn.functional.linear(nn.functional.linear(x[start:end], a), b)
-            out[start:end] += delta * family.host_scaling[layer][slot]
+            weight = 1.0 if step.weights is None else step.weights[i]
+            out[start:end] += delta * (family.host_scaling[layer][slot] * weight)
 
 
 def apply_vera(x: torch.Tensor, out: torch.Tensor, layer: int, runs: tuple[VeraRun, ...]) -> None:
@@ -274,6 +308,9 @@ class AdapterHooks:
     def __init__(self, model: nn.Module, pool: AdapterPool):
         self.pool = pool
         self.current: AdapterStep | None = None
+        # (layer, its input before `scale_in`): the LoRA-family terms read the layer's own input, as in the form
+        # `base(x * scale_in) * scale_out + shift_out + B(A x)` (a composite's IA³ may scale a LoRA's layer)
+        self._unscaled: tuple[nn.Module, torch.Tensor] | None = None
         modules = dict(model.named_modules())
         self._handles = []
         for name, (family, layer) in pool.layout.items():
@@ -302,10 +339,11 @@ class AdapterHooks:
         if step is None or family not in step.vectors["scale_in"]:
             return None
         x = args[0]  # [1, tokens, in]
+        self._unscaled = (module, x)
         return ((x * step.vectors["scale_in"][family][layer]).to(x.dtype), *args[1:])
 
     def _adapt_output(self, family: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
-        step = self.current
+        step, unscaled, self._unscaled = self.current, self._unscaled, None
         if step is None:
             return None
         scale, shift = step.vectors["scale_out"].get(family), step.vectors["shift_out"].get(family)
@@ -313,12 +351,13 @@ class AdapterHooks:
         if scale is None and shift is None and lora is None and vera is None:
             return None
         dtype = output.dtype
+        inputs = unscaled[1] if unscaled is not None and unscaled[0] is module else args[0]
         out = output.float()  # [1, tokens, out]: the layer's fresh output (or an fp32 copy): ours to update
         if scale is not None:
             out[0] *= scale[layer]
         if shift is not None:
             out[0] += shift[layer]
-        x = args[0][0].float() if lora is not None or vera is not None else None  # [tokens, in]
+        x = inputs[0].float() if lora is not None or vera is not None else None  # [tokens, in]
         if lora is not None:
             apply_lora(x, out[0], self.pool.lora[family], layer, lora)
         if vera is not None:

@@ -42,7 +42,12 @@ export function render(container, { session, taskId }) {
       item('Size', bytes(info.bytes)),
       item('Created', datetime(current?.created_at)),
       item('Last use here', lastUsed ? ago(lastUsed) : 'not since start', { id: 'last-use' }),
-      item('Description', current?.description ?? '—', { class: 'value description', id: 'task-description' }));
+      item('Description', current?.description ?? '—', { class: 'value description', id: 'task-description' }),
+      info.components ? item('Components', components(info.components), { id: 'task-components' }) : null);
+  }
+
+  function components(parts) {  // a composite task: its adapters in their stated order
+    return parts.map((c) => `${c.name} (${c.kind}${c.scale === 1 ? '' : ` ×${c.scale}`})`).join(' + ');
   }
 
   function versions(info) {
