@@ -49,7 +49,8 @@ def measure(args) -> dict:
     maker = backbone.model if backbone.device.type == "cpu" else Backbone.load(device="cpu").model
     root = args.adapters or Path(tempfile.mkdtemp(prefix="taskserve-fairness-"))
     tasks = make_tasks(maker, root, args.quiet + 1, prefix="fair")
-    engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch, max_queue=args.flood + 4 * args.quiet))
+    rounds = int(args.duration / args.period) + 2  # every quiet request may still wait when the run ends
+    engine = Engine(backbone, EngineSettings(max_batch_size=args.max_batch, max_queue=args.flood + args.quiet * rounds))
     for task in tasks:
         serve(engine.residency, task.task_id, task.path)
     flood_task, quiet_tasks = tasks[0].task_id, [t.task_id for t in tasks[1:]]
