@@ -146,24 +146,24 @@ class ContentPart(Strict):
     text: Text
 
 
-class CalledFunction(Strict):
+class FunctionCall(Strict):
     name: str
     arguments: Text = Field(description="the arguments as JSON text")
 
 
-class MessageToolCall(Strict):
-    """A call an earlier assistant turn made, sent back in the conversation."""
+class ToolCall(Strict):
+    """A call the model made: in a response, and sent back in the conversation by the assistant turn that made it."""
 
     id: str
     type: Literal["function"] = "function"
-    function: CalledFunction
+    function: FunctionCall
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: str | None = Field(default=None, description="accepted; the chat template does not render it")
-    tool_calls: list[MessageToolCall] | None = Field(default=None, description="assistant: the calls it made")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant: the calls it made")
     tool_call_id: str | None = Field(default=None, description="tool: the call this message answers")
 
     @model_validator(mode="after")
@@ -276,17 +276,6 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = Field(default=None, description="the task version that served: task@version")
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = Field(description="the arguments as JSON text")
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
